@@ -115,14 +115,99 @@ def non_contiguous(t: Tensor, *, keep_inner: int = 1) -> Tensor:
     return view
 
 
-def _lengths(b: int, s_k: int, s_q: int, varlen: bool, zero_frac: float, g: torch.Generator) -> Tensor:
+class _Rng:
+    """A seeded generator on the target device, so large benchmark inputs never touch the host."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(self, *shape: int) -> Tensor:
+        return torch.randn(*shape, generator=self.g, device=self.device)
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.rand(*shape, generator=self.g, device=self.device)
+
+    def randint(self, high: int, shape: tuple[int, ...]) -> Tensor:
+        return torch.randint(high, shape, generator=self.g, device=self.device)
+
+    def randperm(self, n: int) -> Tensor:
+        return torch.randperm(n, generator=self.g, device=self.device)
+
+
+def _lengths(b: int, s_k: int, s_q: int, varlen: bool, zero_frac: float, rng: _Rng) -> list[int]:
     if varlen:
-        lens = torch.normal(float(s_k), s_k / 2, (b,), generator=g).round().clamp(min=s_q)
+        lens = (rng.randn(b) * (s_k / 2) + s_k).round().clamp(min=s_q)
     else:
-        lens = torch.full((b,), float(s_k))
+        lens = torch.full((b,), float(s_k), device=rng.device)
     if zero_frac > 0:
-        lens = torch.where(torch.rand(b, generator=g) < zero_frac, 0.0, lens)
-    return lens.to(torch.int32)
+        lens = torch.where(rng.rand(b) < zero_frac, 0.0, lens)
+    return [int(n) for n in lens.tolist()]
+
+
+def _block_table(blocks: list[int], width: int, num_blocks: int, fill: int, rng: _Rng) -> Tensor:
+    """Request i gets ``blocks[i]`` distinct pages of a random permutation; the rest is ``fill``."""
+    order = rng.randperm(num_blocks)
+    count = torch.tensor(blocks, device=rng.device)
+    start = torch.cumsum(count, 0) - count
+    col = torch.arange(width, device=rng.device)
+    used = col < count[:, None]
+    pick = order[(start[:, None] + col).clamp(max=num_blocks - 1)]
+    return torch.where(used, pick, fill).to(torch.int32)
+
+
+def _token_slots(table: Tensor, lengths: list[int], page: int) -> Tensor:
+    """Flat slots of every live token (logical positions below each request's length)."""
+    pos = torch.arange(table.shape[1] * page, device=table.device)
+    live = pos < torch.tensor(lengths, device=table.device)[:, None]
+    slots = table.long()[:, pos // page] * page + pos % page
+    return slots[live]
+
+
+def _fill_cache(cache: Tensor, fmt: CacheFormat, d: int, rng: _Rng, chunk_tokens: int = 1 << 18) -> None:
+    """Fill a paged cache with ``randn / 10`` clamped to ±1, chunk by chunk (FP8 quantized)."""
+    num_blocks, page, h_kv = cache.shape[0], cache.shape[1], cache.shape[2]
+    per_chunk = max(1, chunk_tokens // page)
+    for b0 in range(0, num_blocks, per_chunk):
+        nb = min(per_chunk, num_blocks - b0)
+        values = (rng.randn(nb * page, h_kv, d) / 10).clamp(-1, 1)
+        if fmt.is_fp8:
+            slots = torch.arange(b0 * page, (b0 + nb) * page, device=rng.device)
+            write_kv_cache(cache, values.to(torch.bfloat16), slots, is_fp8=True)
+        else:
+            cache[b0 : b0 + nb] = values.view(nb, page, h_kv, d).to(cache.dtype)
+
+
+def _poison_tokens(cache: Tensor, fmt: CacheFormat, dead: Tensor) -> None:
+    """NaN into every value of the tokens at flat slots ``dead``: NaN for plain caches, 0xFF
+    bytes (NaN as e4m3, float32 and bf16) over the whole record and scales of FP8 ones."""
+    page = cache.shape[1]
+    block, offset = dead // page, dead % page
+    if not fmt.is_fp8:
+        cache[block, offset] = math.nan
+        return
+    raw = cache.view(torch.uint8)
+    if fmt is CacheFormat.FP8_V32:
+        raw[block, offset] = 0xFF
+        return
+    pages = raw.view(cache.shape[0], page * 584)
+    for start, width in ((offset * 576, 576), (page * 576 + offset * 8, 7)):
+        idx = start[:, None] + torch.arange(width, device=cache.device)
+        pages[block[:, None], idx] = 0xFF
+
+
+def _new_cache(fmt: CacheFormat, num_blocks: int, page: int, h_kv: int, d: int, device: torch.device) -> Tensor:
+    if fmt.is_fp8:
+        align = 576 if fmt is CacheFormat.FP8_MODEL1 else None
+        return allocate_paged_cache(num_blocks, page, cache_format=fmt, device=device, page_align=align)
+    dtype = torch.bfloat16 if fmt is CacheFormat.BF16 else torch.float16
+    return torch.empty(num_blocks, page, h_kv, d, dtype=dtype, device=device)
+
+
+def _dead_slots(capacity: int, live: Tensor) -> Tensor:
+    alive = torch.zeros(capacity, dtype=torch.bool, device=live.device)
+    alive[live] = True
+    return (~alive).nonzero().flatten()
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,45 +227,33 @@ def dense_decode_inputs(
     varlen: bool = False,
     causal: bool = False,
     zero_frac: float = 0.0,
-    seqlens: Tensor | None = None,
+    seqlens: list[int] | None = None,
     poison: bool = True,
     contiguous: bool = True,
     softmax_scale: float | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Keyword arguments of :func:`flashmla.flash_mla_with_kvcache` for a dense decode case."""
-    g = torch.Generator().manual_seed(seed)
+    """Keyword arguments of :func:`flashmla.flash_mla_with_kvcache` for a dense decode case.
+
+    Pages are a random permutation; with ``poison``, pages nobody owns and rows past each
+    request's length hold NaN, and unused block-table entries hold an out-of-range page id."""
+    device = torch.device(device)
+    rng = _Rng(seed, device)
     fmt = CacheFormat(cache_format or ("bf16" if dtype == torch.bfloat16 else "fp16"))
     d = fmt.head_dim or 576
-    lengths = seqlens.to(torch.int32).cpu() if seqlens is not None else _lengths(b, s_k, s_q, varlen, zero_frac, g)
-    blocks = [math.ceil(n / page_block_size) for n in lengths.tolist()]
-    width = max(max(blocks), 1) + (1 if poison else 0)  # one spare column of unused entries
+    page = page_block_size
+    lengths = list(seqlens) if seqlens is not None else _lengths(b, s_k, s_q, varlen, zero_frac, rng)
+    blocks = [math.ceil(n / page) for n in lengths]
+    width = max(max(blocks), 1) + (1 if poison else 0)  # a spare column of unused entries
     num_blocks = max(sum(blocks), 1) + (2 if poison else 0)  # spare pages nobody owns
-    order = torch.randperm(num_blocks, generator=g)
-    table = torch.full((b, width), UNUSED_PAGE_ID if poison else 0, dtype=torch.int32)
-    start = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = order[start : start + n].to(torch.int32)
-        start += n
-    values = (torch.randn(num_blocks, page_block_size, h_kv, d, generator=g) / 10).clamp(-1, 1)
-    live = torch.zeros(num_blocks, page_block_size, dtype=torch.bool)
-    for i, n in enumerate(lengths.tolist()):
-        pos = torch.arange(n)
-        live[table[i, pos // page_block_size].long(), pos % page_block_size] = True
-    if fmt.is_fp8:
-        cache = allocate_paged_cache(num_blocks, page_block_size, cache_format=fmt)
-        slots = torch.arange(num_blocks * page_block_size)
-        write_kv_cache(cache, values.view(-1, 1, d).to(torch.bfloat16), slots, is_fp8=True)
-        if poison:
-            _poison_fp8_tokens(cache, fmt, ~live.flatten())
-    else:
-        cache = values.to(dtype)
-        if poison:
-            cache[~live] = math.nan
-    q = (torch.randn(b, s_q, h_q, d, generator=g) / 10).clamp(-1, 1).to(torch.bfloat16 if fmt.is_fp8 else dtype)
-    device = torch.device(device)
-    q, cache, table = q.to(device), cache.to(device), table.to(device)
+    table = _block_table(blocks, width, num_blocks, UNUSED_PAGE_ID if poison else 0, rng)
+    cache = _new_cache(fmt, num_blocks, page, h_kv, d, device)
+    _fill_cache(cache, fmt, d, rng)
+    if poison:
+        _poison_tokens(cache, fmt, _dead_slots(num_blocks * page, _token_slots(table, lengths, page)))
+    q_dtype = torch.bfloat16 if fmt.is_fp8 else dtype
+    q = (rng.randn(b, s_q, h_q, d) / 10).clamp(-1, 1).to(q_dtype)
     if not contiguous:
         q, table = non_contiguous(q), non_contiguous(table)
         cache = non_contiguous(cache, keep_inner=3 if fmt.is_fp8 else 1)
@@ -188,7 +261,7 @@ def dense_decode_inputs(
         q=q,
         k_cache=cache,
         block_table=table,
-        cache_seqlens=lengths.to(device),
+        cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=device),
         head_dim_v=512,
         tile_scheduler_metadata=None,
         softmax_scale=softmax_scale,
@@ -197,60 +270,27 @@ def dense_decode_inputs(
     )
 
 
-def _poison_fp8_tokens(cache: Tensor, fmt: CacheFormat, dead: Tensor) -> None:
-    """Fill every byte of the dead tokens' records with 0xFF (NaN as e4m3, float32 and bf16)."""
-    page = cache.shape[1]
-    slots = dead.nonzero().flatten()
-    block, offset = slots // page, slots % page
-    raw = cache.view(torch.uint8)
-    if fmt is CacheFormat.FP8_V32:
-        raw[block, offset] = 0xFF
-        return
-    pages = raw.view(cache.shape[0], page * 584)
-    for start, width in ((offset * 576, 576), (page * 576 + offset * 8, 7)):
-        idx = start[:, None] + torch.arange(width)
-        pages[block[:, None], idx] = 0xFF
-
-
 # --------------------------------------------------------------------------------------------
 # Sparse decode
 
 
-def _sparse_rows(
-    b: int, s_q: int, topk: int, lengths: list[int], table: Tensor, page: int, g: torch.Generator, out_of_range: bool, capacity: int
-) -> Tensor:
-    """Flat-slot indices ``[b, s_q, topk]``: distinct random positions below each request's
-    length, -1 padding beyond it, and (optionally) some invalid values of every kind."""
-    idx = torch.full((b, s_q, topk), -1, dtype=torch.int64)
-    for i in range(b):
-        n = lengths[i]
-        for t in range(s_q):
-            take = min(n, topk)
-            pos = torch.randperm(n, generator=g)[:take] if n else torch.empty(0, dtype=torch.int64)
-            slots = table[i, pos // page].long() * page + pos % page
-            idx[i, t, :take] = slots
-    if out_of_range:
-        bad = torch.rand(idx.shape, generator=g) < 0.05
-        choices = torch.tensor([*INVALID_INDEX_VALUES, capacity, capacity + 7], dtype=torch.int64)
-        pick = choices[torch.randint(len(choices), idx.shape, generator=g)]
-        idx = torch.where(bad, pick, idx)
-    return idx.to(torch.int32)
+def _random_positions(rows: int, length: Tensor, topk: int, s_k: int, rng: _Rng) -> Tensor:
+    """``[rows, topk]`` distinct random positions below each row's ``length`` (in random order),
+    ``-1`` where a row has fewer than ``topk``."""
+    k = min(topk, s_k)
+    score = rng.rand(rows, s_k).masked_fill(torch.arange(s_k, device=rng.device) >= length[:, None], -1.0)
+    value, pos = score.topk(k, dim=1)
+    pos = torch.where(value >= 0, pos, -1)
+    if k < topk:
+        pos = torch.cat([pos, pos.new_full((rows, topk - k), -1)], dim=1)
+    return pos
 
 
-def _sparse_cache(
-    fmt: CacheFormat, num_blocks: int, page: int, d: int, referenced: Tensor, g: torch.Generator, poison: bool
-) -> Tensor:
-    values = (torch.randn(num_blocks * page, 1, d, generator=g) / 10).clamp(-1, 1).to(torch.bfloat16)
-    if fmt.is_fp8:
-        cache = allocate_paged_cache(num_blocks, page, cache_format=fmt, page_align=576 if fmt is CacheFormat.FP8_MODEL1 else None)
-        write_kv_cache(cache, values, torch.arange(num_blocks * page), is_fp8=True)
-        if poison:
-            _poison_fp8_tokens(cache, fmt, ~referenced)
-        return cache
-    cache = values.view(num_blocks, page, 1, d).clone()
-    if poison:
-        cache.view(-1, d)[~referenced] = math.nan
-    return cache
+def _with_invalid(idx: Tensor, capacity: int, rng: _Rng, frac: float = 0.05) -> Tensor:
+    """Replace a fraction of entries by invalid values of every kind (negative, past the end)."""
+    choices = torch.tensor([*INVALID_INDEX_VALUES, capacity, capacity + 7], device=rng.device)
+    pick = choices[rng.randint(len(choices), tuple(idx.shape))]
+    return torch.where(rng.rand(*idx.shape) < frac, pick, idx.long())
 
 
 def sparse_decode_inputs(
@@ -275,32 +315,38 @@ def sparse_decode_inputs(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Keyword arguments of :func:`flashmla.flash_mla_with_kvcache` for a sparse decode case."""
-    g = torch.Generator().manual_seed(seed)
+    """Keyword arguments of :func:`flashmla.flash_mla_with_kvcache` for a sparse decode case
+    (§8.3): per row, distinct random tokens of the request (``-1`` beyond its length) as flat
+    slots through a random block table; every token no valid index references is NaN."""
+    device = torch.device(device)
+    rng = _Rng(seed, device)
     fmt = CacheFormat(cache_format)
     d = fmt.head_dim or 576
     s_k = s_k or max(topk, 64)
 
     def cache_and_indices(k: int, page: int) -> tuple[Tensor, Tensor]:
-        lengths = _lengths(b, s_k, 1, varlen, zero_length_frac, g).clamp(max=s_k).tolist()
+        lengths = [min(n, s_k) for n in _lengths(b, s_k, 1, varlen, zero_length_frac, rng)]
         blocks = [max(math.ceil(n / page), 1) for n in lengths]
         num_blocks = sum(blocks) + 1
-        order = torch.randperm(num_blocks, generator=g)
-        table = torch.zeros(b, max(blocks), dtype=torch.int64)
-        start = 0
-        for i, n in enumerate(blocks):
-            table[i, :n] = order[start : start + n]
-            start += n
+        table = _block_table(blocks, max(blocks), num_blocks, 0, rng).long()
+        length = torch.tensor(lengths, device=device).repeat_interleave(s_q)
+        pos = _random_positions(b * s_q, length, k, s_k, rng).view(b, s_q, k)
+        rows = table[:, None, :].expand(b, s_q, -1)
+        slots = torch.gather(rows, 2, (pos.clamp(min=0) // page)) * page + pos.clamp(min=0) % page
+        idx = torch.where(pos >= 0, slots, -1)
         capacity = num_blocks * page
-        idx = _sparse_rows(b, s_q, k, lengths, table, page, g, out_of_range, capacity)
-        ok = (idx >= 0) & (idx < capacity)
-        referenced = torch.zeros(capacity, dtype=torch.bool)
-        referenced[idx[ok].long()] = True
-        return _sparse_cache(fmt, num_blocks, page, d, referenced, g, poison), idx
+        if out_of_range:
+            idx = _with_invalid(idx, capacity, rng)
+        cache = _new_cache(fmt, num_blocks, page, 1, d, device)
+        _fill_cache(cache, fmt, d, rng)
+        if poison:
+            ok = (idx >= 0) & (idx < capacity)
+            _poison_tokens(cache, fmt, _dead_slots(capacity, idx[ok]))
+        return cache, idx.to(torch.int32)
 
     cache, indices = cache_and_indices(topk, page_block_size)
     inputs: dict[str, Any] = dict(
-        q=torch.randn(b, s_q, h_q, d, generator=g).clamp(-1, 1).to(torch.bfloat16),
+        q=rng.randn(b, s_q, h_q, d).clamp(-1, 1).to(torch.bfloat16),
         k_cache=cache,
         block_table=None,
         cache_seqlens=None,
@@ -311,25 +357,23 @@ def sparse_decode_inputs(
         indices=indices,
     )
     if topk_length:
-        inputs["topk_length"] = torch.randint(0, topk + 1, (b,), generator=g, dtype=torch.int32)
+        inputs["topk_length"] = rng.randint(topk + 1, (b,)).to(torch.int32)
     if attn_sink:
-        sink = torch.randn(h_q, generator=g)
-        r = torch.rand(h_q, generator=g)
-        inputs["attn_sink"] = torch.where(r < 0.31, math.inf, torch.where(r > 0.69, -math.inf, sink))
+        r = rng.rand(h_q)
+        sink = torch.where(r < 0.31, math.inf, torch.where(r > 0.69, -math.inf, rng.randn(h_q)))
+        inputs["attn_sink"] = sink
     if extra_topk is not None:
         extra_cache, extra_idx = cache_and_indices(extra_topk, extra_page_block_size)
         inputs["extra_k_cache"], inputs["extra_indices_in_kvcache"] = extra_cache, extra_idx
         if extra_topk_length:
-            inputs["extra_topk_length"] = torch.randint(0, extra_topk + 1, (b,), generator=g, dtype=torch.int32)
-    device = torch.device(device)
-    for key, value in list(inputs.items()):
-        if isinstance(value, Tensor):
-            value = value.to(device)
-            if not contiguous and key in ("q", "indices", "extra_indices_in_kvcache"):
-                value = non_contiguous(value)
-            elif not contiguous and key in ("k_cache", "extra_k_cache"):
-                value = non_contiguous(value, keep_inner=3)
-            inputs[key] = value
+            inputs["extra_topk_length"] = rng.randint(extra_topk + 1, (b,)).to(torch.int32)
+    if not contiguous:
+        for key in ("q", "indices", "extra_indices_in_kvcache"):
+            if key in inputs:
+                inputs[key] = non_contiguous(inputs[key])
+        for key in ("k_cache", "extra_k_cache"):
+            if key in inputs:
+                inputs[key] = non_contiguous(inputs[key], keep_inner=3)
     return inputs
 
 
@@ -351,38 +395,32 @@ def sparse_prefill_inputs(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Keyword arguments of :func:`flashmla.flash_mla_sparse_fwd` (FlashMLA's §8.4 generator)."""
-    g = torch.Generator().manual_seed(seed)
+    """Keyword arguments of :func:`flashmla.flash_mla_sparse_fwd` (FlashMLA's §8.4 generator):
+    distinct in-range indices, the excess over ``s_kv`` filled with invalid values of every kind."""
+    device = torch.device(device)
+    rng = _Rng(seed, device)
 
     def data(*shape: int) -> Tensor:
-        offset = (torch.rand((), generator=g) - 0.5) * 0.1
-        return (torch.randn(*shape, generator=g) / 10 + offset).clamp(-10, 10).to(torch.bfloat16)
+        offset = (rng.rand(1) - 0.5) * 0.1
+        return (rng.randn(*shape) / 10 + offset).clamp(-10, 10).to(torch.bfloat16)
 
     q, kv = data(s_q, h_q, d_qk), data(s_kv, 1, d_qk)
-    idx = torch.empty(s_q, 1, topk, dtype=torch.int64)
-    for t in range(s_q):
-        take = min(topk, s_kv)
-        idx[t, 0, :take] = torch.randperm(s_kv, generator=g)[:take]
-        if topk > take:
-            pick = torch.randint(len(INVALID_INDEX_VALUES) + 1, (topk - take,), generator=g)
-            choices = torch.tensor([*INVALID_INDEX_VALUES, s_kv])
-            idx[t, 0, take:] = choices[pick]
+    pos = _random_positions(s_q, torch.full((s_q,), s_kv, device=device), topk, s_kv, rng)
+    if topk > s_kv:
+        choices = torch.tensor([*INVALID_INDEX_VALUES, s_kv], device=device)
+        pos = torch.where(pos < 0, choices[rng.randint(len(choices), tuple(pos.shape))], pos)
     if invalid_rows:
-        rows = torch.rand(s_q, generator=g) < 0.02
+        rows = rng.rand(s_q) < 0.02
         rows[0] = True
-        idx[rows] = INVALID_INDEX_VALUES[torch.randint(len(INVALID_INDEX_VALUES), (), generator=g)]
-    inputs: dict[str, Any] = dict(q=q, kv=kv, indices=idx.to(torch.int32), sm_scale=0.5, d_v=512)
+        pos = torch.where(rows[:, None], INVALID_INDEX_VALUES[int(rng.randint(len(INVALID_INDEX_VALUES), (1,)))], pos)
+    inputs: dict[str, Any] = dict(q=q, kv=kv, indices=pos.view(s_q, 1, topk).to(torch.int32), sm_scale=0.5, d_v=512)
     if attn_sink:
-        inputs["attn_sink"] = torch.randn(h_q, generator=g)
+        inputs["attn_sink"] = rng.randn(h_q)
     if topk_length:
-        inputs["topk_length"] = torch.randint(0, max(topk, 63) + 1, (s_q,), generator=g).clamp(max=topk).to(torch.int32)
-    device = torch.device(device)
-    for key, value in list(inputs.items()):
-        if isinstance(value, Tensor):
-            value = value.to(device)
-            if not contiguous and key in ("q", "kv", "indices"):
-                value = non_contiguous(value)
-            inputs[key] = value
+        inputs["topk_length"] = rng.randint(max(topk, 63) + 1, (s_q,)).clamp(max=topk).to(torch.int32)
+    if not contiguous:
+        for key in ("q", "kv", "indices"):
+            inputs[key] = non_contiguous(inputs[key])
     return inputs
 
 
@@ -407,32 +445,25 @@ def mha_inputs(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Keyword arguments of :func:`flashmla.flash_attn_varlen_func` (§8.5: s_k >= s_q)."""
-    g = torch.Generator().manual_seed(seed)
-    h_kv = h_kv or h_q
-    if varlen:
-        lq = torch.normal(float(mean_s_q), mean_s_q / 2, (b,), generator=g).round().clamp(min=1)
-        lk = torch.normal(float(mean_s_k), mean_s_k / 2, (b,), generator=g).round()
-        lk = torch.maximum(lk, lq)
-    else:
-        lq, lk = torch.full((b,), float(mean_s_q)), torch.full((b,), float(max(mean_s_k, mean_s_q)))
-    lq, lk = lq.long(), lk.long()
-    cu_q = torch.zeros(b + 1, dtype=torch.int32)
-    cu_k = torch.zeros(b + 1, dtype=torch.int32)
-    cu_q[1:], cu_k[1:] = lq.cumsum(0), lk.cumsum(0)
     device = torch.device(device)
+    rng = _Rng(seed, device)
+    h_kv = h_kv or h_q
+    lq = _lengths(b, mean_s_q, 1, varlen, 0.0, rng)
+    lk = [max(k, q) for k, q in zip(_lengths(b, mean_s_k, 1, varlen, 0.0, rng), lq)]
+    cu_q = torch.tensor([0, *lq], device=device).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *lk], device=device).cumsum(0).to(torch.int32)
 
     def data(*shape: int) -> Tensor:
-        t = (torch.randn(*shape, generator=g) / 10).to(dtype).to(device)
-        return t.requires_grad_(requires_grad)
+        return (rng.randn(*shape) / 10).to(dtype).requires_grad_(requires_grad)
 
     return dict(
-        q=data(int(cu_q[-1]), h_q, d_qk),
-        k=data(int(cu_k[-1]), h_kv, d_qk),
-        v=data(int(cu_k[-1]), h_kv, d_v),
-        cu_seqlens_qo=cu_q.to(device),
-        cu_seqlens_kv=cu_k.to(device),
-        max_seqlen_qo=int(lq.max()),
-        max_seqlen_kv=int(lk.max()),
+        q=data(sum(lq), h_q, d_qk),
+        k=data(sum(lk), h_kv, d_qk),
+        v=data(sum(lk), h_kv, d_v),
+        cu_seqlens_qo=cu_q,
+        cu_seqlens_kv=cu_k,
+        max_seqlen_qo=max(lq),
+        max_seqlen_kv=max(lk),
         softmax_scale=(d_qk + 100) ** -0.5,
         causal=causal,
     )
@@ -442,35 +473,40 @@ def mha_inputs(
 # Reference results (fp32, unrounded)
 
 
-def reference(op: str, inputs: dict[str, Any]) -> tuple[Tensor, ...]:
-    """The reference backend's fp32 result for the inputs of a public function.
+def problem_for(op: str, inputs: dict[str, Any]) -> Any:
+    """The validated problem a public function builds from ``inputs`` (without running it).
 
     ``op`` is "decode" (dense or sparse, by ``indices``), "sparse_prefill" or "mha_forward"."""
-    from flashmla_ref import ops as ref  # the oracle is always installed with core
-
-    from . import ops as api_ops
-    from . import problems
-    from .api import flash_mla_with_kvcache
+    from . import ops, problems
+    from .api import flash_mla_sparse_fwd, flash_mla_with_kvcache
 
     if op == "decode":
         bound = inspect.signature(flash_mla_with_kvcache).bind(**inputs)
         bound.apply_defaults()
-        p = api_ops._decode_problem(*bound.arguments.values())
-        run: Callable = ref.sparse_decode if isinstance(p, problems.SparseDecodeProblem) else ref.dense_decode
-        return run(p, None, out_dtype=torch.float32)
+        return ops._decode_problem(*bound.arguments.values())
     if op == "sparse_prefill":
-        p = problems.build_sparse_prefill(
-            inputs["q"], inputs["kv"], inputs["indices"], inputs["sm_scale"], inputs.get("d_v", 512),
-            inputs.get("attn_sink"), inputs.get("topk_length"),
-        )  # fmt: skip
-        return ref.sparse_prefill(p, out_dtype=torch.float32)
-    if op == "mha_forward":
-        p = problems.build_mha(
+        bound = inspect.signature(flash_mla_sparse_fwd).bind(**inputs)
+        bound.apply_defaults()
+        return problems.build_sparse_prefill(*bound.arguments.values())
+    if op in ("mha_forward", "mha_backward"):
+        return problems.build_mha(
             inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens_qo"], inputs["cu_seqlens_kv"],
             inputs["max_seqlen_qo"], inputs["max_seqlen_kv"], 0.0, inputs.get("softmax_scale"),
-            inputs.get("causal", False),
+            inputs.get("causal", False), backward=op == "mha_backward",
         )  # fmt: skip
-        return ref.mha_forward(p, out_dtype=torch.float32)
     raise ValueError(f"unknown op {op!r}")
 
 
+def reference(op: str, inputs: dict[str, Any]) -> tuple[Tensor, ...]:
+    """The reference backend's fp32 (unrounded) result for the inputs of a public function."""
+    from flashmla_ref import ops as ref  # the oracle is always installed with core
+
+    from .problems import SparseDecodeProblem
+
+    p = problem_for(op, inputs)
+    if op == "decode":
+        run: Callable = ref.sparse_decode if isinstance(p, SparseDecodeProblem) else ref.dense_decode
+        return run(p, None, out_dtype=torch.float32)
+    if op == "sparse_prefill":
+        return ref.sparse_prefill(p, out_dtype=torch.float32)
+    return ref.mha_forward(p, out_dtype=torch.float32)

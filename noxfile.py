@@ -1,0 +1,44 @@
+"""Test and lint sessions. A bare ``nox`` runs what CI runs (every session not tagged "gpu").
+
+uv makes the session environments fast; it does not read pip's configuration, so the machine's
+find-links (where its CPU build of torch lives) are handed to it explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+TORCH = os.environ.get("FLASHMLA_TORCH", "torch==2.13.0")  # the CPU build on CI machines
+CORE = ("-e", "packages/flashmla-core", "-e", "packages/flashmla-ref")
+TEST_DEPS = ("pytest>=8", "hypothesis>=6.100")
+CORE_TESTS = ("packages/flashmla-core/tests", "packages/flashmla-ref/tests")
+
+
+def _install(session: nox.Session, *packages: str) -> None:
+    find_links = os.environ.get("PIP_FIND_LINKS")
+    env = {"UV_FIND_LINKS": find_links} if find_links else {}
+    session.install(TORCH, *TEST_DEPS, *CORE, *packages, env=env)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(name="test-ref", python=PYTHON)
+def test_ref(session: nox.Session) -> None:
+    """Core (API, formats, scheduler, registry) and the reference backend against the oracle;
+    then the CPU benchmark smoke run (the README's first command, scaled down)."""
+    _install(session)
+    session.run("pytest", *CORE_TESTS, "tests", *session.posargs)
+    session.run("flashmla", "info")
+    session.run("flashmla", "bench")
