@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
+
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -164,7 +164,7 @@ def hand_token_a() -> tuple[torch.Tensor, bytes]:
         x[i] = v
         exp[i] = byte
     # scales: 1.0, 2^-13, 2^-3, 2^-13 as little-endian float32
-    exp[512:528] = bytes.fromhex("0000803f" "00000039" "0000003e" "00000039")
+    exp[512:528] = bytes.fromhex("0000803f 00000039 0000003e 00000039")
     rope_bits = {
         512: 0x3F80,  # 1.0
         513: 0xC020,  # -2.5
@@ -201,7 +201,7 @@ def hand_token_b() -> tuple[torch.Tensor, bytes]:
     for i, (v, byte) in nope.items():
         x[i] = v
         exp[i] = byte
-    exp[512:528] = bytes.fromhex("00000040" "00008044" "00000039" "00000039")
+    exp[512:528] = bytes.fromhex("00000040 00008044 00000039 00000039")
     return x, bytes(exp)
 
 
@@ -282,7 +282,7 @@ def test_quantize_v32_scales_are_little_endian_float32_powers_of_two():
         raw = as_bytes(out[t, 512:528])
         scales = struct.unpack("<4f", raw)
         for k, s in enumerate(scales):
-            m, e = math.frexp(s)
+            m, _ = math.frexp(s)
             assert m == 0.5, "scale must be a power of two"
             tile = x[t, 128 * k : 128 * (k + 1)].float()
             assert s >= 2.0**-13
@@ -369,21 +369,23 @@ def test_dequantize_model1_is_exact_for_power_of_two_scales():
     rec = torch.tensor(codes + [0] * 128, dtype=torch.uint8)
     sc = torch.tensor([*exps, 0], dtype=torch.uint8)
     out = F.dequantize_model1(rec, sc)
-    want = [float(e4m3_decode(c) * Fraction(2) ** (exps[i // 64] - 127)) for i, c in enumerate(codes)]
+    want = [
+        float(e4m3_decode(c) * Fraction(2) ** (exps[i // 64] - 127)) for i, c in enumerate(codes)
+    ]
     assert out[:448].float().tolist() == want
 
 
 def test_dequantize_model1_accepts_any_byte_container():
     """Caches may be float8_e4m3fn / int8 / uint8 bytes; the records decode the same (scale
     bytes >= 128, i.e. scales >= 2, must not be read as negative int8)."""
-    x, rec, sc = hand_token_c()
+    _, rec, sc = hand_token_c()
     rec_u8 = torch.tensor(list(rec), dtype=torch.uint8)
     sc_u8 = torch.tensor(list(sc), dtype=torch.uint8)
     want = F.dequantize_model1(rec_u8, sc_u8)
     for dtype in (torch.int8, torch.float8_e4m3fn):
         got = F.dequantize_model1(rec_u8.view(dtype), sc_u8.view(dtype))
         assert as_bytes(got) == as_bytes(want), dtype
-    x_a, rec_a = hand_token_a()
+    _, rec_a = hand_token_a()
     rec_a = torch.tensor(list(rec_a), dtype=torch.uint8)
     for dtype in (torch.int8, torch.float8_e4m3fn):
         assert as_bytes(F.dequantize_v32(rec_a.view(dtype))) == as_bytes(F.dequantize_v32(rec_a))
@@ -494,7 +496,9 @@ def test_model1_block_planar_page_placement():
 
     got = F.read_tokens(cache, slots, CacheFormat.FP8_MODEL1)
     assert got.shape == (4, 1, 512)
-    want = torch.tensor([dequant_ref([float(a) for a in v[:448].float()], 64) for v in values[:, 0]])
+    want = torch.tensor(
+        [dequant_ref([float(a) for a in v[:448].float()], 64) for v in values[:, 0]]
+    )
     assert torch.equal(got[:, 0, :448].float(), want.float())
     assert as_bytes(got[:, 0, 448:]) == as_bytes(values[:, 0, 448:])
 

@@ -196,7 +196,7 @@ def dense_decode(
 
 
 def _sparse_candidates(reader: CacheReader, row: list[int], length: int | None) -> list[np.ndarray]:
-    n = len(row) if length is None else min(length, len(row))
+    n = len(row) if length is None else max(0, min(length, len(row)))
     return [reader.slot(s) for s in row[:n] if 0 <= s < reader.capacity]
 
 
@@ -249,7 +249,7 @@ def sparse_prefill(
     lse = np.zeros((s_q, h_q))
     for t in range(s_q):
         row = idx[t][0]
-        n = len(row) if lengths is None else min(lengths[t], len(row))
+        n = len(row) if lengths is None else max(0, min(lengths[t], len(row)))
         keys = _stack([kvs[j, 0] for j in row[:n] if 0 <= j < s_kv], kvs.shape[2])
         for h in range(h_q):
             o, l, m = attend(qs[t, h], keys, keys[:, :d_v], sm_scale)
@@ -316,7 +316,11 @@ def mha_backward(
     outs = out.numpy() if out_for_delta is None else _f64(out_for_delta)
     lse = lse.numpy()
     cu_q, cu_k = _ints(cu_seqlens_qo), _ints(cu_seqlens_kv)
-    dq, dk, dv = np.zeros((total_q, h_q, d)), np.zeros((total_k, h_kv, d)), np.zeros((total_k, h_kv, d_v))
+    dq, dk, dv = (
+        np.zeros((total_q, h_q, d)),
+        np.zeros((total_k, h_kv, d)),
+        np.zeros((total_k, h_kv, d_v)),
+    )
     for s in range(len(cu_q) - 1):
         q0, k0 = cu_q[s], cu_k[s]
         len_q, len_k = cu_q[s + 1] - q0, cu_k[s + 1] - k0

@@ -40,6 +40,8 @@ def _eager_metadata(
     is_fp8_kvcache: bool = False,
     topk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
+    cache_seqlens = problems.need_tensor("cache_seqlens", cache_seqlens)
+    problems.need_ndim("cache_seqlens", cache_seqlens, 1, "[b]")
     problems.need_int_vector(
         "cache_seqlens", cache_seqlens, cache_seqlens.shape[0], cache_seqlens.device, "b"
     )
@@ -153,10 +155,15 @@ def flash_attn_varlen_func(
     """
     problems.need_bool("deterministic", deterministic)
     problems.need_bool("is_varlen", is_varlen)
-    problems.build_mha(
-        q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv, dropout_p,
-        softmax_scale, causal,
-    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        # The op's fake implementation validates; here a varying softmax_scale is a symbolic
+        # float that the eager checks (math.isfinite) cannot trace.
+        problems.need_no_dropout(dropout_p)
+    else:
+        problems.build_mha(
+            q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv, dropout_p,
+            softmax_scale, causal,
+        )  # fmt: skip
     return ops.mha_forward(
         q, k, v, cu_seqlens_qo, cu_seqlens_kv, max_seqlen_qo, max_seqlen_kv, softmax_scale, causal
     )

@@ -170,8 +170,10 @@ def ue8m0_to_float(exponents: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_model1(record: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Decode MODEL1 token records ``[..., 576]`` with their scale records ``[..., 8]``."""
-    nope = _dequantize_tiles(record[..., :448], ue8m0_to_float(scales[..., :7]), 64)
+    """Decode MODEL1 token records ``[..., 576]`` with their scale records ``[..., 8]`` (any
+    byte dtype: the UE8M0 exponents are read as unsigned bytes)."""
+    exponents = scales[..., :7].view(torch.uint8)
+    nope = _dequantize_tiles(record[..., :448], ue8m0_to_float(exponents), 64)
     rope = record[..., 448:576].contiguous().view(torch.bfloat16)
     return torch.cat([nope, rope], dim=-1)
 

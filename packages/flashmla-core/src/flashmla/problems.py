@@ -78,9 +78,9 @@ def need_positive(name: str, t: torch.Tensor, dim: int, what: str) -> None:
         raise ShapeError(name, f"{what} (shape[{dim}]) must be at least 1", tuple(t.shape))
 
 
-def need_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+def need_device(name: str, t: torch.Tensor, device: torch.device, ref: str = "q") -> None:
     if t.device != device:
-        raise DeviceError(name, f"must be on the same device as q ({device})", t.device)
+        raise DeviceError(name, f"must be on the same device as {ref} ({device})", t.device)
 
 
 def need_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
@@ -112,6 +112,11 @@ def need_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgumentError(name, "must be a bool", value)
     return value
+
+
+def need_no_dropout(dropout_p: object) -> None:
+    if dropout_p != 0.0:
+        raise InvalidArgumentError("dropout_p", "must be 0.0 (dropout is not supported)", dropout_p)
 
 
 def need_int_vector(name: str, t: object, size: int, device: torch.device, what: str) -> torch.Tensor:
@@ -206,7 +211,9 @@ def _check_q(q: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     return q
 
 
-def _check_cache(name: str, cache: object, q: torch.Tensor, is_fp8: bool) -> CacheFormat:
+def _check_cache(
+    name: str, cache: object, q: torch.Tensor, is_fp8: bool, same_as: CacheFormat | None = None
+) -> CacheFormat:
     cache = need_tensor(name, cache)
     need_device(name, cache, q.device)
     need_ndim(name, cache, 4, "[num_blocks, page_block_size, h_kv, d]")
@@ -214,6 +221,8 @@ def _check_cache(name: str, cache: object, q: torch.Tensor, is_fp8: bool) -> Cac
     need_page_size(name, cache)
     need_positive(name, cache, 2, "h_kv")
     fmt = detect_cache_format(name, cache, is_fp8)
+    if same_as is not None and fmt is not same_as:
+        raise InvalidArgumentError(name, f"must use k_cache's format ({same_as})", fmt)
     d = q.shape[-1]
     if fmt.is_fp8:
         need_dtype("q", q, (torch.bfloat16,))
@@ -327,9 +336,7 @@ def build_sparse_decode(
         need_contiguous("attn_sink", attn_sink)
         features.add("attn_sink")
     if extra_k_cache is not None:
-        extra_fmt = _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
-        if extra_fmt is not fmt:
-            raise InvalidArgumentError("extra_k_cache", f"must use k_cache's format ({fmt})", extra_fmt)
+        _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache, same_as=fmt)
         if extra_k_cache.shape[2] != 1:
             raise ShapeError("extra_k_cache", "h_kv (shape[2]) must be 1", extra_k_cache.shape[2])
         if extra_indices_in_kvcache is None:
@@ -504,10 +511,10 @@ def build_mha(
     cu_q = need_int_vector("cu_seqlens_qo", cu_q, cu_q.shape[0], q.device, "b + 1")
     cu_k = need_int_vector("cu_seqlens_kv", cu_seqlens_k, cu_q.shape[0], q.device, "b + 1")
     for name, value in (("max_seqlen_qo", max_seqlen_q), ("max_seqlen_kv", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        # torch.compile passes a SymInt once a length has been seen to vary
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
             raise InvalidArgumentError(name, "must be a non-negative int", value)
-    if dropout_p != 0.0:
-        raise InvalidArgumentError("dropout_p", "must be 0.0 (dropout is not supported)", dropout_p)
+    need_no_dropout(dropout_p)
     causal = need_bool("causal", causal)
     features = {"causal"} if causal else set()
     if h_kv != h_q:
@@ -539,7 +546,7 @@ def build_cache_write(kv_cache: object, new_kv: object, slot_mapping: object, is
     new_kv = need_tensor("new_kv", new_kv)
     need_ndim("new_kv", new_kv, 3, "[num_tokens, h_kv, d]")
     kv_cache = need_tensor("kv_cache", kv_cache)
-    need_device("kv_cache", kv_cache, new_kv.device)
+    need_device("kv_cache", kv_cache, new_kv.device, "new_kv")
     need_ndim("kv_cache", kv_cache, 4, "[num_blocks, page_block_size, h_kv, width]")
     need_page_size("kv_cache", kv_cache)
     fmt = detect_cache_format("kv_cache", kv_cache, is_fp8)
@@ -551,7 +558,7 @@ def build_cache_write(kv_cache: object, new_kv: object, slot_mapping: object, is
         need_size("new_kv", new_kv, 2, kv_cache.shape[3], "kv_cache's head dim")
     need_size("new_kv", new_kv, 1, kv_cache.shape[2], "kv_cache's h_kv")
     slots = need_tensor("slot_mapping", slot_mapping)
-    need_device("slot_mapping", slots, new_kv.device)
+    need_device("slot_mapping", slots, new_kv.device, "new_kv")
     need_dtype("slot_mapping", slots, (torch.int32, torch.int64))
     need_ndim("slot_mapping", slots, 1, "[num_tokens]")
     need_size("slot_mapping", slots, 0, new_kv.shape[0], "new_kv's num_tokens")

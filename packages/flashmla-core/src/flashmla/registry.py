@@ -292,7 +292,7 @@ class Registry:
     def _select_uncached(self, facts: Facts, forced: str | None) -> Backend:
         if forced is not None:
             backend = self.get(forced)
-            reasons = backend.reasons(facts)
+            reasons = backend.reasons(facts) or _load_reasons(backend)
             if reasons:
                 raise NoBackendError(
                     _no_backend_text(facts, f"forced backend '{forced}' cannot run", {forced: reasons})
@@ -301,11 +301,22 @@ class Registry:
         ranked = sorted(self.backends().values(), key=lambda b: -b.priority(facts.op))
         all_reasons = {}
         for backend in ranked:
-            reasons = backend.reasons(facts)
+            # Importing the chosen implementation here makes an import failure a reason to try
+            # the next backend instead of an error on every call.
+            reasons = backend.reasons(facts) or _load_reasons(backend)
             if not reasons:
                 return backend
             all_reasons[backend.name] = reasons
         raise NoBackendError(_no_backend_text(facts, "no flashmla backend can run", all_reasons))
+
+
+def _load_reasons(backend: Backend) -> list[str]:
+    """Import ``backend``'s implementation now; ``[]`` if it loads, else why it cannot."""
+    try:
+        backend.module()
+    except NoBackendError:
+        return [backend.unavailable_reason() or "its implementation failed to load"]
+    return []
 
 
 def _no_backend_text(facts: Facts, head: str, reasons: Mapping[str, list[str]]) -> str:

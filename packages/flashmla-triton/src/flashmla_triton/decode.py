@@ -1,0 +1,232 @@
+"""Launchers of the MLA attention kernel: dense decode, sparse decode, sparse prefill.
+
+Decode follows FlashMLA's persistent split-KV design: a schedule (one metadata row per part,
+computed on the GPU by :mod:`.kernels.schedule`) gives each CTA a contiguous run of KV blocks;
+requests cut into several pieces are merged by :mod:`.kernels.combine`. Sparse prefill gives each
+query token its own program (its work is uniform)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from flashmla.formats import CacheFormat
+from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, SparsePrefillProblem
+from flashmla.scheduler import OVERHEAD_BLOCKS, Schedule, device_sm_count
+
+from . import INTERPRET
+from .kernels.attention import LOG2E, mla_attention_kernel
+from .kernels.combine import combine_kernel
+from .kernels.schedule import schedule_kernel
+from .launch import Launch
+
+FMT_CODE = {CacheFormat.BF16: 0, CacheFormat.FP16: 0, CacheFormat.FP8_V32: 1, CacheFormat.FP8_MODEL1: 2}
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_config(rows: int) -> Config:
+    """Tiles for ``rows`` query rows per group (s_q * h_q / h_kv dense, h_q sparse)."""
+    if INTERPRET:
+        return Config(max(16, min(64, triton.next_power_of_2(rows))), 64, 4, 1)
+    if rows <= 16:
+        return Config(16, 64, 4, 2)
+    if rows <= 32:
+        return Config(32, 64, 4, 2)
+    return Config(64, 64, 8, 1)
+
+
+def _groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]:
+    """(rows per group, groups per request along grid axis 1, heads per KV head)."""
+    _b, s_q, h_q, _ = p.q.shape
+    if isinstance(p, SparseDecodeProblem):
+        return h_q, s_q, h_q
+    h_kv = p.k_cache.shape[2]
+    return s_q * (h_q // h_kv), h_kv, h_q // h_kv
+
+
+def _num_parts(p: DenseDecodeProblem | SparseDecodeProblem) -> int:
+    rows, axis1, _ = _groups(p)
+    m_tiles = triton.cdiv(rows, choose_config(rows).block_m)
+    return max(device_sm_count(p.q.device) // (m_tiles * axis1), 1)
+
+
+def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
+    b = p.q.shape[0]
+    parts = _num_parts(p)
+    dev = p.q.device
+    metadata = torch.empty(parts, 8, dtype=torch.int32, device=dev)
+    num_splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
+    if isinstance(p, SparseDecodeProblem):
+        extra = p.extra_indices
+        schedule_kernel[(1,)](
+            p.indices, p.topk_length, p.extra_topk_length, b, p.indices.shape[2],
+            0 if extra is None else extra.shape[2], parts, metadata, num_splits,
+            SPARSE=True, HAS_TOPK_LEN=p.topk_length is not None, HAS_EXTRA=extra is not None,
+            HAS_EXTRA_LEN=p.extra_topk_length is not None, OVERHEAD=OVERHEAD_BLOCKS, CHUNK=1024,
+        )  # fmt: skip
+    else:
+        schedule_kernel[(1,)](
+            p.cache_seqlens, None, None, b, 0, 0, parts, metadata, num_splits,
+            SPARSE=False, HAS_TOPK_LEN=False, HAS_EXTRA=False, HAS_EXTRA_LEN=False,
+            OVERHEAD=OVERHEAD_BLOCKS, CHUNK=1024,
+        )  # fmt: skip
+    return Schedule(metadata, num_splits)
+
+
+def plan_dense_decode(p: DenseDecodeProblem) -> Schedule:
+    return p.schedule if p.schedule is not None else _schedule(p)
+
+
+def plan_sparse_decode(p: SparseDecodeProblem) -> Schedule:
+    return p.schedule if p.schedule is not None else _schedule(p)
+
+
+def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple:
+    """(tensor, page stride, row stride, head stride, pages) in the kernel's units."""
+    if fmt.is_fp8:
+        raw = cache.view(torch.uint8)
+        return raw, raw.stride(0), raw.stride(1), 0, cache.shape[0]
+    return cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.shape[0]
+
+
+def _dims(fmt: CacheFormat, d: int) -> tuple[int, int]:
+    """(D_NOPE, D_ROPE): MODEL1 and 512-dim plain rows have no separate RoPE tile."""
+    if fmt is CacheFormat.FP8_MODEL1 or d == 512:
+        return 512, 0
+    return 512, 64
+
+
+def attention_launches(
+    *, q4: Tensor, out4: Tensor, lse_strides: tuple[int, int, int], lse: Tensor,
+    max_logits: Tensor | None, cache: Tensor, fmt: CacheFormat, page: int,
+    slots: Tensor, slot_strides: tuple[int, int], lengths: Tensor | None, list_len: int,
+    extra: tuple | None, sink: Tensor | None, schedule: Schedule | None, num_requests: int,
+    rows: int, axis1: int, group: int, sparse: bool, causal: bool, scale: float,
+) -> list[Launch]:  # fmt: skip
+    """The attention kernel's launch (and the combine's, for a split-KV schedule)."""
+    cfg = choose_config(rows)
+    b, s_q, h_q, d = q4.shape
+    persistent = schedule is not None
+    parts = schedule.metadata.shape[0] if persistent else num_requests
+    if persistent:
+        o_acc = torch.empty(b + parts, s_q, h_q, 512, dtype=torch.float32, device=q4.device)
+        lse_acc = torch.empty(b + parts, s_q, h_q, dtype=torch.float32, device=q4.device)
+    else:
+        o_acc = lse_acc = lse  # never written
+    cache_t, sp, sr, sh, pages = _cache_args(cache, fmt)
+    if extra is not None:
+        extra_cache, extra_slots, extra_len = extra
+        c2, sp2, sr2, _, pages2 = _cache_args(extra_cache, fmt)
+        extra_args = (c2, sp2, sr2, pages2, extra_slots, extra_slots.stride(0), extra_slots.stride(1),
+                      extra_len, extra_slots.shape[2])  # fmt: skip
+        page2 = extra_cache.shape[1]
+    else:  # unused placeholders
+        extra_args, extra_len, page2 = (cache_t, 0, 0, 1, slots, 0, 0, None, 1), None, 1
+    d_nope, d_rope = _dims(fmt, d)
+    args = dict(zip(mla_attention_kernel.arg_names, (
+        q4, q4.stride(0), q4.stride(1), q4.stride(2),
+        out4, out4.stride(0), out4.stride(1), out4.stride(2),
+        lse, *lse_strides, max_logits,
+        o_acc, lse_acc, s_q * h_q, h_q, 1,
+        cache_t, sp, sr, sh, pages,
+        slots, *slot_strides, lengths, list_len,
+        *extra_args, sink,
+        schedule.metadata if persistent else None, schedule.num_splits if persistent else None,
+        s_q, group, rows, scale * LOG2E,
+    )))  # fmt: skip
+    constexprs = dict(
+        PAGE=page, PAGE2=page2, SPARSE=sparse, FMT=FMT_CODE[fmt], CAUSAL=causal,
+        PERSISTENT=persistent, HAS_LENGTHS=lengths is not None, HAS_EXTRA=extra is not None,
+        HAS_LENGTHS2=extra_len is not None, HAS_SINK=sink is not None,
+        HAS_MAX_LOGITS=max_logits is not None, D_NOPE=d_nope, D_ROPE=d_rope, D_V=512,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, UPCAST=INTERPRET,
+        SINGLE_LOAD=True,
+    )  # fmt: skip
+    grid = (triton.cdiv(rows, cfg.block_m), axis1, parts)
+    launches = [Launch(mla_attention_kernel, grid, {**args, **constexprs}, cfg.num_warps, 1, frozenset(constexprs))]
+    if persistent:
+        block_h = 16
+        cargs = dict(zip(combine_kernel.arg_names, (
+            o_acc, lse_acc, s_q * h_q, h_q, 1, schedule.num_splits,
+            out4, out4.stride(0), out4.stride(1), out4.stride(2),
+            lse, *lse_strides, sink, s_q, h_q,
+        )))  # fmt: skip
+        cconst = dict(HAS_SINK=sink is not None, BLOCK_H=block_h, D_V=512, UPCAST=INTERPRET)
+        grid = (b * s_q, triton.cdiv(h_q, block_h))
+        launches.append(Launch(combine_kernel, grid, {**cargs, **cconst}, 4, 1, frozenset(cconst)))
+    return launches
+
+
+def _run(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch()
+
+
+def dense_decode_launches(p: DenseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor) -> list[Launch]:
+    rows, axis1, group = _groups(p)
+    return attention_launches(
+        q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
+        max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
+        slots=p.block_table, slot_strides=(p.block_table.stride(0), 0), lengths=p.cache_seqlens,
+        list_len=p.block_table.shape[1], extra=None, sink=None, schedule=plan,
+        num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group, sparse=False,
+        causal=p.causal, scale=p.softmax_scale,
+    )  # fmt: skip
+
+
+def sparse_decode_launches(p: SparseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor) -> list[Launch]:
+    rows, axis1, group = _groups(p)
+    extra = None
+    if p.extra_k_cache is not None:
+        extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)
+    return attention_launches(
+        q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
+        max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
+        slots=p.indices, slot_strides=(p.indices.stride(0), p.indices.stride(1)),
+        lengths=p.topk_length, list_len=p.indices.shape[2], extra=extra, sink=p.attn_sink,
+        schedule=plan, num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group,
+        sparse=True, causal=False, scale=p.softmax_scale,
+    )  # fmt: skip
+
+
+def sparse_prefill_launches(p: SparsePrefillProblem, out: Tensor, max_logits: Tensor, lse: Tensor) -> list[Launch]:
+    """Each query token is a one-token "request" over the bf16 ``kv`` seen as a paged cache of
+    one-token pages (so flat slots are token indices and ``s_kv`` bounds them)."""
+    s_q, h_q, _d = p.q.shape
+    return attention_launches(
+        q4=p.q.unsqueeze(1), out4=out.unsqueeze(1), lse=lse,
+        lse_strides=(lse.stride(0), 0, lse.stride(1)), max_logits=max_logits,
+        cache=p.kv.unsqueeze(1), fmt=CacheFormat.BF16, page=1,
+        slots=p.indices, slot_strides=(p.indices.stride(0), 0), lengths=p.topk_length,
+        list_len=p.indices.shape[2], extra=None, sink=p.attn_sink, schedule=None,
+        num_requests=s_q, rows=h_q, axis1=1, group=h_q, sparse=True, causal=False,
+        scale=p.sm_scale,
+    )  # fmt: skip
+
+
+def dense_decode(p: DenseDecodeProblem, plan: Schedule | None) -> tuple[Tensor, Tensor]:
+    out, lse = p.empty_outputs()
+    _run(dense_decode_launches(p, plan if plan is not None else plan_dense_decode(p), out, lse))
+    return out, lse
+
+
+def sparse_decode(p: SparseDecodeProblem, plan: Schedule | None) -> tuple[Tensor, Tensor]:
+    out, lse = p.empty_outputs()
+    _run(sparse_decode_launches(p, plan if plan is not None else plan_sparse_decode(p), out, lse))
+    return out, lse
+
+
+def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
+    out, max_logits, lse = p.empty_outputs()
+    _run(sparse_prefill_launches(p, out, max_logits, lse))
+    return out, max_logits, lse

@@ -1,0 +1,302 @@
+"""One Triton kernel for MLA attention over a cache: dense decode, sparse decode, sparse prefill.
+
+MLA's key fact drives the layout: K and V share the latent row (V = the first 512 dims) and all
+query rows of a *group* share the same keys, so a CTA stacks a group's queries as the M dimension
+(dense: the ``s_q * h_q / h_kv`` rows of one KV head; sparse: the ``h_q`` heads of one query token)
+and reads each key tile once for all of them. K is split into NoPE (512) and RoPE (64) parts so
+every tile has power-of-two sizes, and the NoPE tile is also the V tile::
+
+    S = Q_nope K_nope^T + Q_rope K_rope^T          [BLOCK_M, BLOCK_N]
+    O = softmax(S) K_nope                          [BLOCK_M, 512]
+
+Grid ``(m_tiles, groups_axis, parts)``. With ``PERSISTENT`` each program walks its part of the
+split-KV schedule (``flashmla.scheduler`` metadata rows): whole requests write the final output,
+split pieces write fp32 partials for the combine kernel. Without it, program ``part`` does all
+of request ``part`` (sparse prefill: one "request" per query token).
+
+Token sources: ``SPARSE=False`` reads logical tokens through the block table; ``SPARSE=True``
+reads flat slots from an index list. Cache formats (``FMT``): 0 plain bf16/fp16 rows, 1 FP8 V3.2
+(656-byte records), 2 FP8 MODEL1 (block-planar pages). Invalid tokens are masked loads (never a
+memory access) and ``-inf`` scores.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+FMT_PLAIN, FMT_V32, FMT_MODEL1 = 0, 1, 2
+
+
+@triton.jit
+def _i64(x):
+    """``x`` as int64 (works for loop counters, which the interpreter leaves as Python ints)."""
+    return x + tl.zeros([], dtype=tl.int64)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """Round fp32 to the nearest bf16 value, ties to even, staying in fp32. The interpreter's own
+    fp32 -> bf16 cast truncates; rounding first makes that truncation exact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_keys(
+    cache, page, row, valid, stride_page, stride_row, PAGE: tl.constexpr,
+    FMT: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, UPCAST: tl.constexpr,
+    SINGLE_LOAD: tl.constexpr,
+):  # fmt: skip
+    """The key tile of ``BLOCK_N`` tokens as ``(K_nope^T [512, N], K_rope^T [64, N], V [N, 512])``.
+
+    ``page``/``row`` locate each token; invalid ones load zeros. FP8 tiles are dequantized here
+    (``e4m3 * power-of-two scale`` is exact in bf16)."""
+    cols = tl.arange(0, D_NOPE)
+    m2 = valid[:, None]
+    if FMT == 0:
+        # Plain rows: K^T and V come from two loads of the same (cache-resident) rows so that
+        # each feeds one dot and Triton can pipeline both straight into shared memory.
+        base = cache + page.to(tl.int64) * stride_page + row.to(tl.int64) * stride_row
+        v = tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0)
+        if SINGLE_LOAD:
+            k_t = tl.trans(v)
+        else:
+            k_t = tl.load(base[None, :] + cols[:, None], mask=valid[None, :], other=0.0)
+        if UPCAST:
+            k_t = k_t.to(tl.float32)
+            v = v.to(tl.float32)
+        rope_t = k_t  # placeholder when there is no RoPE part (d_qk = 512)
+        if D_ROPE > 0:
+            rope_t = tl.load(base[None, :] + D_NOPE + tl.arange(0, D_ROPE)[:, None], mask=valid[None, :], other=0.0)
+            if UPCAST:
+                rope_t = rope_t.to(tl.float32)
+        return k_t, rope_t, v
+    elif FMT == 1:
+        rcols = tl.arange(0, D_ROPE)
+        base = cache + page.to(tl.int64) * stride_page + row.to(tl.int64) * 656
+        raw = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
+        scale = tl.load((base[:, None] + 512 + (cols[None, :] // 128) * 4).to(tl.pointer_type(tl.float32)), mask=m2, other=0.0)
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale.to(tl.bfloat16).to(tl.float32)
+        rope_ptr = (base + 528).to(tl.pointer_type(tl.bfloat16))
+        k_rope = tl.load(rope_ptr[:, None] + rcols[None, :], mask=m2, other=0.0)
+        if UPCAST:
+            k_nope = nope
+            k_rope = k_rope.to(tl.float32)
+        else:
+            k_nope = nope.to(tl.bfloat16)
+        return tl.trans(k_nope), tl.trans(k_rope), k_nope
+    else:
+        # MODEL1: token records (448 e4m3 + 64 bf16) at page + row * 576, then the page's
+        # 8-byte scale records at page + PAGE * 576 + row * 8.
+        page_base = cache + page.to(tl.int64) * stride_page
+        rec = page_base + row.to(tl.int64) * 576
+        is_fp8 = cols[None, :] < 448
+        raw = tl.load(rec[:, None] + cols[None, :], mask=m2 & is_fp8, other=0)
+        expo = tl.load(page_base[:, None] + PAGE * 576 + row[:, None].to(tl.int64) * 8 + cols[None, :] // 64, mask=m2 & is_fp8, other=127)
+        scale = tl.exp2(expo.to(tl.float32) - 127.0)
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
+        rope_ptr = (rec + 448).to(tl.pointer_type(tl.bfloat16))
+        rope = tl.load(rope_ptr[:, None] + (cols[None, :] - 448), mask=m2 & (cols[None, :] >= 448), other=0.0)
+        k_nope = tl.where(is_fp8, nope, rope.to(tl.float32))
+        if not UPCAST:
+            k_nope = k_nope.to(tl.bfloat16)
+        k_t = tl.trans(k_nope)
+        return k_t, k_t, k_nope  # no separate RoPE part: d_qk = 512
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, q_nope, q_rope, t_row, lo, hi,
+    cache, stride_page, stride_row, num_pages, PAGE: tl.constexpr,
+    slots, L, causal_base,
+    SPARSE: tl.constexpr, FMT: tl.constexpr, CAUSAL: tl.constexpr,
+    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr, SINGLE_LOAD: tl.constexpr, scale_log2,
+):  # fmt: skip
+    """Online softmax (base 2) over positions ``lo..hi`` of one token list; returns the state.
+
+    Dense: position j is logical token j, found through the block-table row ``slots``; it exists
+    when ``j < L`` and its page id is in range. Sparse: position p holds a flat slot
+    ``slots[p]``, valid when ``p < L`` and ``0 <= slot < num_pages * PAGE``."""
+    offs = tl.arange(0, BLOCK_N)
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+        pos = start + offs
+        inside = pos < L
+        if SPARSE:
+            slot = tl.load(slots + pos, mask=inside, other=-1)
+            valid = inside & (slot >= 0) & (slot < num_pages * PAGE)
+            slot = tl.where(valid, slot, 0)
+            page = slot // PAGE
+            row = slot % PAGE
+        elif PAGE % BLOCK_N == 0:  # the tile lies in one page: one scalar page id
+            page = tl.load(slots + start // PAGE)
+            page_ok = (page >= 0) & (page < num_pages)
+            valid = inside & page_ok
+            page = tl.where(page_ok, page, 0)
+            row = start % PAGE + offs
+        else:
+            page = tl.load(slots + pos // PAGE, mask=inside, other=-1)
+            valid = inside & (page >= 0) & (page < num_pages)
+            page = tl.where(valid, page, 0)
+            row = pos % PAGE
+        k_t, rope_t, v = _load_keys(cache, page, row, valid, stride_page, stride_row, PAGE, FMT, D_NOPE, D_ROPE, UPCAST, SINGLE_LOAD)
+        s = tl.dot(q_nope, k_t)
+        if D_ROPE > 0:
+            s = tl.dot(q_rope, rope_t, s)
+        s = s * scale_log2
+        sees = valid[None, :]
+        if CAUSAL:  # bottom-right: query token t sees j <= L - s_q + t
+            sees = sees & (pos[None, :] <= causal_base + t_row[:, None])
+        s = tl.where(sees, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def mla_attention_kernel(
+    # queries [b, s_q, h_q, d] and outputs
+    q, stride_qb, stride_qt, stride_qh,
+    out, stride_ob, stride_ot, stride_oh,
+    lse, stride_lb, stride_lt, stride_lh,
+    max_logits,
+    o_acc, lse_acc, stride_ab, stride_at, stride_ah,
+    # the cache and its token list (block table or indices)
+    cache, stride_page, stride_row, stride_head, num_pages,
+    slots, stride_sb, stride_st, seqlens, list_len,
+    # optional extra cache (sparse)
+    cache2, stride2_page, stride2_row, num_pages2,
+    slots2, stride2_sb, stride2_st, seqlens2, list_len2,
+    sink,
+    # schedule
+    metadata, num_splits,
+    # sizes
+    s_q, group, rows_per_group, scale_log2,
+    PAGE: tl.constexpr, PAGE2: tl.constexpr,
+    SPARSE: tl.constexpr, FMT: tl.constexpr, CAUSAL: tl.constexpr, PERSISTENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_LENGTHS2: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_MAX_LOGITS: tl.constexpr,
+    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr,
+    SINGLE_LOAD: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)  # dense: KV head; sparse: query token t
+    part = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_per_group
+    if SPARSE:  # one query token's heads; one KV head
+        t_row = pid_g + rows * 0
+        head = rows
+        cache_h = cache
+    else:  # the s_q * group rows of KV head pid_g: row = t * group + local head
+        t_row = rows // group
+        head = pid_g * group + rows % group
+        cache_h = cache + pid_g.to(tl.int64) * stride_head
+    BIG: tl.constexpr = 1 << 24
+    if PERSISTENT:
+        row_md = metadata + part * 8
+        begin_req = tl.load(row_md)
+        end_req = tl.load(row_md + 1)
+        begin_blk = tl.load(row_md + 2)
+        end_blk = tl.load(row_md + 3)
+        begin_split = tl.load(row_md + 4)
+        first_split = tl.load(row_md + 5)
+        last_split = tl.load(row_md + 6)
+    else:
+        begin_req = part
+        end_req = part
+        begin_blk = 0
+        end_blk = BIG
+        begin_split = 0
+        first_split = 0
+        last_split = 0
+
+    for r in range(begin_req, end_req + 1):
+        # The request's queries.
+        q_rows = q + _i64(r) * stride_qb + t_row.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+        q_nope = tl.load(q_rows[:, None] + tl.arange(0, D_NOPE)[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q_nope = q_nope.to(tl.float32)
+        q_rope = q_nope
+        if D_ROPE > 0:
+            q_rope = tl.load(q_rows[:, None] + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=row_ok[:, None], other=0.0)
+            if UPCAST:
+                q_rope = q_rope.to(tl.float32)
+        acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        blk_lo = tl.where(r == begin_req, begin_blk, 0)
+        blk_hi = tl.where(r == end_req, end_blk, BIG)
+        if SPARSE:
+            length = list_len
+            if HAS_LENGTHS:
+                length = tl.minimum(tl.maximum(tl.load(seqlens + r), 0), list_len)
+            main_blocks = (tl.maximum(length, 1) + 63) // 64
+            row_slots = slots + _i64(r) * stride_sb + pid_g.to(tl.int64) * stride_st
+            acc, m_i, l_i = _attend(
+                acc, m_i, l_i, q_nope, q_rope, t_row, blk_lo * 64,
+                tl.minimum(tl.minimum(blk_hi, main_blocks) * 64, length),
+                cache, stride_page, stride_row, num_pages, PAGE, row_slots, length, 0,
+                True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, SINGLE_LOAD, scale_log2,
+            )  # fmt: skip
+            if HAS_EXTRA:
+                length2 = list_len2
+                if HAS_LENGTHS2:
+                    length2 = tl.minimum(tl.maximum(tl.load(seqlens2 + r), 0), list_len2)
+                row_slots2 = slots2 + _i64(r) * stride2_sb + pid_g.to(tl.int64) * stride2_st
+                lo2 = tl.maximum(blk_lo - main_blocks, 0) * 64
+                hi2 = tl.minimum((blk_hi - main_blocks) * 64, length2)
+                acc, m_i, l_i = _attend(
+                    acc, m_i, l_i, q_nope, q_rope, t_row, lo2, hi2,
+                    cache2, stride2_page, stride2_row, num_pages2, PAGE2, row_slots2, length2, 0,
+                    True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, SINGLE_LOAD, scale_log2,
+                )  # fmt: skip
+        else:
+            length = tl.minimum(tl.maximum(tl.load(seqlens + r), 0), list_len * PAGE)
+            row_table = slots + _i64(r) * stride_sb
+            acc, m_i, l_i = _attend(
+                acc, m_i, l_i, q_nope, q_rope, t_row, blk_lo * 64,
+                tl.minimum(blk_hi * 64, length),
+                cache_h, stride_page, stride_row, num_pages, PAGE,
+                row_table, length, length - s_q,
+                False, FMT, CAUSAL, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, SINGLE_LOAD, scale_log2,
+            )  # fmt: skip
+
+        # Epilogue: the whole request's result, or one piece of a split request.
+        split = ((r == begin_req) & (first_split != 0)) | ((r == end_req) & (last_split != 0))
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        cols = tl.arange(0, D_V)
+        if split:
+            slot = tl.load(num_splits + r) + tl.where(r == begin_req, begin_split, 0)
+            acc_rows = slot.to(tl.int64) * stride_ab + t_row.to(tl.int64) * stride_at + head.to(tl.int64) * stride_ah
+            tl.store(o_acc + acc_rows[:, None] * D_V + cols[None, :], o, mask=row_ok[:, None])
+            tl.store(lse_acc + acc_rows, lse2, mask=row_ok)
+        else:
+            if HAS_SINK:  # out * 1 / (1 + exp(sink - lse)); no effect on lse
+                sink_h = tl.load(sink + head, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+                o = o / (1.0 + tl.exp2(sink_h - lse2))[:, None]
+            o = tl.where(empty[:, None], 0.0, o)
+            if UPCAST and out.dtype.element_ty == tl.bfloat16:
+                o = round_to_bf16(o)
+            out_rows = _i64(r) * stride_ob + t_row.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+            tl.store(out + out_rows[:, None] + cols[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+            lse_rows = _i64(r) * stride_lb + t_row.to(tl.int64) * stride_lt + head.to(tl.int64) * stride_lh
+            tl.store(lse + lse_rows, tl.where(empty, float("inf"), lse2 * 0.6931471805599453), mask=row_ok)
+            if HAS_MAX_LOGITS:
+                mx = tl.where(empty, float("-inf"), m_i * 0.6931471805599453)
+                tl.store(max_logits + lse_rows, mx, mask=row_ok)

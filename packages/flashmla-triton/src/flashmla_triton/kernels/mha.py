@@ -1,0 +1,427 @@
+"""Triton kernels for dense MHA prefill (varlen, bottom-right causal, GQA): forward and backward.
+
+Layout: ``q [total_q, h_q, d_qk]``, ``k [total_k, h_kv, d_qk]``, ``v [total_k, h_kv, d_v]`` with any
+outer strides (last dim contiguous); sequence ``b`` owns rows ``cu[b]:cu[b+1]``. Causal means query
+``i`` sees key ``j`` iff ``j <= i + (L_k - L_q)``. A query row that sees no key gets ``out = 0``
+and ``lse = +inf`` (so ``exp(s - lse) = 0`` in the backward and its gradients are 0).
+
+Design notes (why):
+- The QK head dim is split into a power-of-two part ``D_A`` and an optional remainder ``D_B``
+  (192 = 128 + 64): ``tl.arange`` needs powers of two and padding 192 to 256 would waste a third
+  of the QK^T tensor-core work. ``S = Q_a K_a^T + Q_b K_b^T`` is two chained dots.
+- Scores live in the log2 domain (``qk_scale = softmax_scale * log2(e)``, ``exp2``): one FMA per
+  element instead of a multiply plus ``exp``.
+- Every KV (forward, dQ) or Q (dK/dV) loop runs in two phases: blocks that need no mask at all,
+  then the few blocks on the causal diagonal / sequence end that do. Fully masked blocks are never
+  visited (causal early exit).
+- ``UPCAST`` (chosen by the launcher, True under ``TRITON_INTERPRET=1``) converts every bf16/fp16
+  tile to fp32 right after loading: the interpreter computes bf16 dots and elementwise ops on raw
+  bits (silently wrong). On a GPU it is False and the dots take 16-bit operands (wgmma / mma).
+- Rows past a sequence end are loaded as zeros (q, dO) / ``+inf`` (lse) so they contribute
+  nothing; pointers are 64-bit at the row base so ``row * stride`` never overflows int32.
+- The backward is deterministic: dQ per (Q block, head) in one kernel (which also computes
+  ``delta = rowsum(dO * O) - dlse``), dK/dV per (KV block, KV head) in another that loops over the
+  group's query heads itself (GQA needs no atomics).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _load_rows(base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.constexpr,
+               UPCAST: tl.constexpr, OTHER: tl.constexpr = 0.0):  # fmt: skip
+    """A ``[len(offs_row), D]`` tile of rows ``offs_row`` (row stride ``stride_row``) at ``base``."""
+    ptrs = base + offs_row[:, None] * stride_row + tl.arange(0, D)[None, :]
+    if MASKED:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=OTHER)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _trans(x, base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.constexpr,
+           UPCAST: tl.constexpr):  # fmt: skip
+    """``x^T`` for ``x = _load_rows(base, ...)``. The interpreter (UPCAST) multiplies transposed
+    numpy views up to ~100x slower than fresh arrays, so there the tile is re-loaded transposed;
+    compiled code just transposes (a shared-memory view for the tensor cores)."""
+    if UPCAST:
+        ptrs = base + offs_row[None, :] * stride_row + tl.arange(0, D)[:, None]
+        if MASKED:
+            x_t = tl.load(ptrs, mask=row_ok[None, :], other=0.0).to(tl.float32)
+        else:
+            x_t = tl.load(ptrs).to(tl.float32)
+    else:
+        x_t = tl.trans(x)
+    return x_t
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q_a, q_b, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, L_k, shift,
+    qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < L_k
+        k_row = k_base + tl.cast(start_n, tl.int64) * stride_kt
+        k_a = _load_rows(k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST)
+        qk = tl.dot(q_a, _trans(k_a, k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST))
+        if D_B > 0:
+            k_b = _load_rows(k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
+            k_bt = _trans(k_b, k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
+            qk = tl.dot(q_b, k_bt, qk)
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:
+            # max of the raw scores, scaled afterwards: the exponent is then a single FMA
+            if SCALE_NEG:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, col_ok, stride_vt, D_V,
+                       MASKED, UPCAST)  # fmt: skip
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def mha_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lt, stride_lh,
+    qk_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # grid (m blocks, h_q, b); m blocks are walked last-first so that under causal masking the
+    # longest programs start first (less tail imbalance), consecutive programs share one head's
+    # K/V in L2.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    L_q = tl.load(CU_Q + b + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= L_q:
+        return
+    k_start = tl.load(CU_K + b)
+    L_k = tl.load(CU_K + b + 1) - k_start
+    shift = L_k - L_q
+    hk = h // GROUP
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L_q
+    q_base = Q + (q_start + m0).to(tl.int64) * stride_qt + h * stride_qh
+    offs_r = tl.arange(0, BLOCK_M)
+    q_a = _load_rows(q_base, offs_r, row_ok, stride_qt, D_A, True, UPCAST)
+    if D_B > 0:
+        q_b = _load_rows(q_base + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
+    else:
+        q_b = q_a  # unused placeholder
+    k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+
+    if CAUSAL:
+        # keys < hi are visible to some row of the block, keys < full to all of them
+        hi = tl.maximum(tl.minimum(L_k, m0 + BLOCK_M + shift), 0)
+        full = tl.maximum(tl.minimum(L_k, m0 + 1 + shift), 0)
+    else:
+        hi = L_k
+        full = L_k
+    full = (full // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_V], tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q_a, q_b, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, L_k,
+        shift, qk_scale, False, CAUSAL, SCALE_NEG, D_A, D_B, D_V, BLOCK_N, UPCAST,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q_a, q_b, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, L_k,
+        shift, qk_scale, True, CAUSAL, SCALE_NEG, D_A, D_B, D_V, BLOCK_N, UPCAST,
+    )  # fmt: skip
+
+    # l == 0 exactly when the row saw no key: out 0, lse +inf
+    seen = l_i > 0.0
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
+    out = acc * inv_l[:, None]
+    o_base = O + (q_start + m0).to(tl.int64) * stride_ot + h * stride_oh
+    o_ptrs = o_base + offs_r[:, None] * stride_ot + tl.arange(0, D_V)[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse_ptrs = LSE + (q_start + offs_m).to(tl.int64) * stride_lt + h * stride_lh
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dQ (and delta)
+
+
+@triton.jit
+def _dq_inner(
+    dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m,
+    L_k, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < L_k
+        k_row = k_base + tl.cast(start_n, tl.int64) * stride_kt
+        k_a = _load_rows(k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST)
+        s = tl.dot(q_a, _trans(k_a, k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST))
+        if D_B > 0:
+            k_b = _load_rows(k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
+            k_bt = _trans(k_b, k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
+            s = tl.dot(q_b, k_bt, s)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(keep, p, 0.0)
+        v_row = v_base + tl.cast(start_n, tl.int64) * stride_vt
+        v = _load_rows(v_row, offs_n, col_ok, stride_vt, D_V, MASKED, UPCAST)
+        dp = tl.dot(do, _trans(v, v_row, offs_n, col_ok, stride_vt, D_V, MASKED, UPCAST))
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a = tl.dot(ds, k_a, dq_a)
+        if D_B > 0:
+            dq_b = tl.dot(ds, k_b, dq_b)
+    return dq_a, dq_b
+
+
+@triton.jit
+def mha_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_lt, stride_lh, stride_dlt, stride_dlh, stride_delh,
+    stride_dqt, stride_dqh,
+    sm_scale, qk_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    L_q = tl.load(CU_Q + b + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= L_q:
+        return
+    k_start = tl.load(CU_K + b)
+    L_k = tl.load(CU_K + b + 1) - k_start
+    shift = L_k - L_q
+    hk = h // GROUP
+
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
+    row_ok = offs_m < L_q
+    rows64 = (q_start + m0).to(tl.int64)
+    q_base = Q + rows64 * stride_qt + h * stride_qh
+    q_a = _load_rows(q_base, offs_r, row_ok, stride_qt, D_A, True, UPCAST)
+    if D_B > 0:
+        q_b = _load_rows(q_base + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
+    else:
+        q_b = q_a  # unused placeholder
+    do = _load_rows(DO + rows64 * stride_dot + h * stride_doh, offs_r, row_ok, stride_dot, D_V,
+                    True, UPCAST)  # fmt: skip
+    o = _load_rows(O + rows64 * stride_ot + h * stride_oh, offs_r, row_ok, stride_ot, D_V, True,
+                   UPCAST)  # fmt: skip
+    # delta = rowsum(dO * O) - dlse: d lse / d s = P adds P * dlse to dS = P * (dP - delta)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tok = (q_start + offs_m).to(tl.int64)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + tok * stride_dlt + h * stride_dlh, mask=row_ok, other=0.0)
+    tl.store(DELTA + h * stride_delh + tok, delta, mask=row_ok)
+    # lse in log2 units; rows past the end read +inf so that P = 0 there
+    lse2 = tl.load(LSE + tok * stride_lt + h * stride_lh, mask=row_ok, other=float("inf")) * LOG2E
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(L_k, m0 + BLOCK_M + shift), 0)
+        full = tl.maximum(tl.minimum(L_k, m0 + 1 + shift), 0)
+    else:
+        hi = L_k
+        full = L_k
+    full = (full // BLOCK_N) * BLOCK_N
+
+    dq_a = tl.zeros([BLOCK_M, D_A], tl.float32)
+    if D_B > 0:
+        dq_b = tl.zeros([BLOCK_M, D_B], tl.float32)
+    else:
+        dq_b = dq_a  # unused placeholder
+    dq_a, dq_b = _dq_inner(
+        dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, full,
+        offs_m, L_k, shift, qk_scale, False, CAUSAL, D_A, D_B, D_V, BLOCK_N, UPCAST,
+    )  # fmt: skip
+    dq_a, dq_b = _dq_inner(
+        dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
+        offs_m, L_k, shift, qk_scale, True, CAUSAL, D_A, D_B, D_V, BLOCK_N, UPCAST,
+    )  # fmt: skip
+
+    dq_base = DQ + rows64 * stride_dqt + h * stride_dqh
+    dq_ptrs = dq_base + offs_r[:, None] * stride_dqt + tl.arange(0, D_A)[None, :]
+    tl.store(dq_ptrs, (dq_a * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    if D_B > 0:
+        dq_ptrs = dq_base + D_A + offs_r[:, None] * stride_dqt + tl.arange(0, D_B)[None, :]
+        tl.store(dq_ptrs, (dq_b * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dK, dV
+
+
+@triton.jit
+def _dkdv_inner(
+    dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, lse_base, delta_base,
+    stride_qt, stride_dot, stride_lt, lo, hi, L_q, offs_n, shift, qk_scale,
+    MASKED: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # transposed formulation: S^T = K Q^T is [BLOCK_N, BLOCK_M] so dV += P^T dO and
+    # dK += dS^T Q need no transposed register tiles
+    offs_r = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_r
+        row_ok = rows < L_q
+        q_row = q_base + tl.cast(start_m, tl.int64) * stride_qt
+        # row masks only (cheap, per row): rows past L_q read zeros and lse = +inf, so P = 0
+        q_a = _load_rows(q_row, offs_r, row_ok, stride_qt, D_A, True, UPCAST)
+        s_t = tl.dot(k_a, _trans(q_a, q_row, offs_r, row_ok, stride_qt, D_A, True, UPCAST))
+        if D_B > 0:
+            q_b = _load_rows(q_row + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
+            q_bt = _trans(q_b, q_row + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
+            s_t = tl.dot(k_b, q_bt, s_t)
+        lse = tl.load(lse_base + rows.to(tl.int64) * stride_lt, mask=row_ok, other=float("inf"))
+        p_t = tl.math.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
+        if MASKED:  # causal diagonal: key j sees query i iff j <= i + shift
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
+        do_row = do_base + tl.cast(start_m, tl.int64) * stride_dot
+        do = _load_rows(do_row, offs_r, row_ok, stride_dot, D_V, True, UPCAST)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, _trans(do, do_row, offs_r, row_ok, stride_dot, D_V, True, UPCAST))
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+        dk_a = tl.dot(ds_t, q_a, dk_a)
+        if D_B > 0:
+            dk_b = tl.dot(ds_t, q_b, dk_b)
+    return dk_a, dk_b, dv
+
+
+@triton.jit
+def mha_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_lt, stride_lh, stride_delh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    sm_scale, qk_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # grid (n blocks, h_kv, b); first KV blocks first (under causal they see the most queries)
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    k_start = tl.load(CU_K + b)
+    L_k = tl.load(CU_K + b + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= L_k:
+        return
+    q_start = tl.load(CU_Q + b)
+    L_q = tl.load(CU_Q + b + 1) - q_start
+    shift = L_k - L_q
+
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_r
+    col_ok = offs_n < L_k
+    k_rows64 = (k_start + n0).to(tl.int64)
+    k_base = K + k_rows64 * stride_kt + hk * stride_kh
+    k_a = _load_rows(k_base, offs_r, col_ok, stride_kt, D_A, True, UPCAST)
+    if D_B > 0:
+        k_b = _load_rows(k_base + D_A, offs_r, col_ok, stride_kt, D_B, True, UPCAST)
+    else:
+        k_b = k_a  # unused placeholder
+    v = _load_rows(V + k_rows64 * stride_vt + hk * stride_vh, offs_r, col_ok, stride_vt, D_V, True,
+                   UPCAST)  # fmt: skip
+
+    if CAUSAL:
+        # queries >= lo see some key of the block, queries >= mid see all of them
+        lo = tl.minimum(tl.maximum(n0 - shift, 0), L_q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, lo), L_q)
+        mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+
+    dk_a = tl.zeros([BLOCK_N, D_A], tl.float32)
+    if D_B > 0:
+        dk_b = tl.zeros([BLOCK_N, D_B], tl.float32)
+    else:
+        dk_b = dk_a  # unused placeholder
+    dv = tl.zeros([BLOCK_N, D_V], tl.float32)
+    q_rows64 = q_start.to(tl.int64)
+    # the group's query heads are summed here, in a fixed order: deterministic, no atomics
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + q_rows64 * stride_qt + h * stride_qh
+        do_base = DO + q_rows64 * stride_dot + h * stride_doh
+        lse_base = LSE + q_rows64 * stride_lt + h * stride_lh
+        delta_base = DELTA + h * stride_delh + q_rows64
+        dk_a, dk_b, dv = _dkdv_inner(
+            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, lse_base, delta_base,
+            stride_qt, stride_dot, stride_lt, lo, mid, L_q, offs_n, shift, qk_scale,
+            CAUSAL, D_A, D_B, D_V, BLOCK_M, UPCAST,
+        )  # fmt: skip
+        dk_a, dk_b, dv = _dkdv_inner(
+            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, lse_base, delta_base,
+            stride_qt, stride_dot, stride_lt, mid, L_q, L_q, offs_n, shift, qk_scale,
+            False, D_A, D_B, D_V, BLOCK_M, UPCAST,
+        )  # fmt: skip
+
+    dk_base = DK + k_rows64 * stride_dkt + hk * stride_dkh
+    dk_ptrs = dk_base + offs_r[:, None] * stride_dkt + tl.arange(0, D_A)[None, :]
+    tl.store(dk_ptrs, (dk_a * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    if D_B > 0:
+        dk_ptrs = dk_base + D_A + offs_r[:, None] * stride_dkt + tl.arange(0, D_B)[None, :]
+        tl.store(dk_ptrs, (dk_b * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    dv_ptrs = (DV + k_rows64 * stride_dvt + hk * stride_dvh + offs_r[:, None] * stride_dvt
+               + tl.arange(0, D_V)[None, :])  # fmt: skip
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

@@ -1,0 +1,24 @@
+"""The Triton backend's op functions (what :mod:`flashmla.registry` calls)."""
+
+from __future__ import annotations
+
+from .cache_write import cache_write
+from .decode import (
+    dense_decode,
+    plan_dense_decode,
+    plan_sparse_decode,
+    sparse_decode,
+    sparse_prefill,
+)
+from .mha import mha_backward, mha_forward
+
+__all__ = [
+    "cache_write",
+    "dense_decode",
+    "mha_backward",
+    "mha_forward",
+    "plan_dense_decode",
+    "plan_sparse_decode",
+    "sparse_decode",
+    "sparse_prefill",
+]
