@@ -27,7 +27,7 @@ def main() -> None:
         op = "decode" if shape.op == "decode" else shape.op
         ref = testing.reference(op, inputs)
         for cfg in configs:
-            decode.choose_config = lambda rows, cfg=cfg: decode.Config(min(cfg[0], max(16, rows)), *cfg[1:])
+            decode.choose_config = lambda rows, fmt=None, cfg=cfg: decode.Config(min(cfg[0], max(16, rows)), *cfg[1:])
             with flashmla.use_backend("triton"):
                 if op == "decode":
                     run_inputs = dict(inputs, tile_scheduler_metadata=flashmla.get_mla_metadata()[0])

@@ -280,9 +280,14 @@ def sparse_decode_cases(draw: st.DrawFn) -> dict:
          True, torch.int8, 0)  # fmt: skip
 def test_sparse_decode(case: dict, all_invalid: bool, container: torch.dtype, pad: int) -> None:
     inputs = testing.sparse_decode_inputs(**case)
-    if all_invalid:
-        cache = inputs["k_cache"]
-        invalidate_rows(inputs["indices"], cache.shape[0] * cache.shape[1], case["seed"])
+    if all_invalid:  # the same rows of both index tensors (same seed, same shape)
+        for key, cache_key in (
+            ("indices", "k_cache"),
+            ("extra_indices_in_kvcache", "extra_k_cache"),
+        ):
+            if key in inputs:
+                cache = inputs[cache_key]
+                invalidate_rows(inputs[key], cache.shape[0] * cache.shape[1], case["seed"])
     if case["cache_format"] != "bf16":
         for key in ("k_cache", "extra_k_cache"):
             if key in inputs:
@@ -358,10 +363,16 @@ def test_sparse_prefill(case: dict, infinite_sinks: bool) -> None:
     if infinite_sinks and "attn_sink" in inputs:
         inputs["attn_sink"][0::3] = math.inf
         inputs["attn_sink"][1::3] = -math.inf
+    # NaN into every kv row no in-range index names (as §8.3 does for decode caches)
+    kv, idx = inputs["kv"], inputs["indices"].long()
+    named = torch.zeros(kv.shape[0], dtype=torch.bool)
+    named[idx[(idx >= 0) & (idx < kv.shape[0])]] = True
+    kv[~named] = math.nan
     want_out, want_max, want_lse = oracle.sparse_prefill(**inputs)
     with flashmla.use_backend("ref"):
         out, max_logits, lse = flashmla.flash_mla_sparse_fwd(**inputs)
     assert out.dtype == torch.bfloat16
+    assert out.is_contiguous() and max_logits.is_contiguous() and lse.is_contiguous()
     check_rounded("out", out, want_out)
     check_close("max_logits", max_logits, want_max, **STAT_TOL)
     check_close("lse", lse, want_lse, **STAT_TOL)

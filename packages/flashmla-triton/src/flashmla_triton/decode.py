@@ -32,17 +32,22 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    ctas_per_sm: int = 1  # persistent CTAs per SM (more when tiles are small)
 
 
-def choose_config(rows: int) -> Config:
-    """Tiles for ``rows`` query rows per group (s_q * h_q / h_kv dense, h_q sparse)."""
+def choose_config(rows: int, fmt: CacheFormat = CacheFormat.BF16) -> Config:
+    """Tiles for ``rows`` query rows per group (s_q * h_q / h_kv dense, h_q sparse).
+
+    64-row tiles use Hopper's warpgroup MMA with two warpgroups splitting the 512 output
+    columns; FP8 tiles are dequantized through registers, so they are not pipelined."""
     if INTERPRET:
         return Config(max(16, min(64, triton.next_power_of_2(rows))), 64, 4, 1)
+    stages = 1 if fmt.is_fp8 else 2
     if rows <= 16:
-        return Config(16, 64, 4, 2)
+        return Config(16, 64, 4, stages)
     if rows <= 32:
-        return Config(32, 64, 4, 2)
-    return Config(64, 64, 8, 1)
+        return Config(32, 64, 4, stages)
+    return Config(64, 64, 8, stages)
 
 
 def _groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]:
@@ -56,8 +61,9 @@ def _groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]
 
 def _num_parts(p: DenseDecodeProblem | SparseDecodeProblem) -> int:
     rows, axis1, _ = _groups(p)
-    m_tiles = triton.cdiv(rows, choose_config(rows).block_m)
-    return max(device_sm_count(p.q.device) // (m_tiles * axis1), 1)
+    cfg = choose_config(rows, p.cache_format)
+    m_tiles = triton.cdiv(rows, cfg.block_m)
+    return max(device_sm_count(p.q.device) * cfg.ctas_per_sm // (m_tiles * axis1), 1)
 
 
 def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
@@ -114,7 +120,7 @@ def attention_launches(
     rows: int, axis1: int, group: int, sparse: bool, causal: bool, scale: float,
 ) -> list[Launch]:  # fmt: skip
     """The attention kernel's launch (and the combine's, for a split-KV schedule)."""
-    cfg = choose_config(rows)
+    cfg = choose_config(rows, fmt)
     b, s_q, h_q, d = q4.shape
     persistent = schedule is not None
     parts = schedule.metadata.shape[0] if persistent else num_requests

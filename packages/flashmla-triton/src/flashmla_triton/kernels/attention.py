@@ -77,11 +77,15 @@ def _load_keys(
                 rope_t = rope_t.to(tl.float32)
         return k_t, rope_t, v
     elif FMT == 1:
+        # V3.2: 512 e4m3 values with one float32 scale per 128, then 64 bf16 RoPE values.
         rcols = tl.arange(0, D_ROPE)
         base = cache + page.to(tl.int64) * stride_page + row.to(tl.int64) * 656
         raw = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
-        scale = tl.load((base[:, None] + 512 + (cols[None, :] // 128) * 4).to(tl.pointer_type(tl.float32)), mask=m2, other=0.0)
-        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale.to(tl.bfloat16).to(tl.float32)
+        scale_ptr = (base + 512).to(tl.pointer_type(tl.float32))
+        scale = tl.load(scale_ptr[:, None] + tl.arange(0, 4)[None, :], mask=m2, other=0.0)
+        scale = scale.to(tl.bfloat16).to(tl.float32)  # Hopper kernels round the scale to bf16
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32).reshape(raw.shape[0], 4, 128)
+        nope = (nope * scale[:, :, None]).reshape(raw.shape[0], D_NOPE)
         rope_ptr = (base + 528).to(tl.pointer_type(tl.bfloat16))
         k_rope = tl.load(rope_ptr[:, None] + rcols[None, :], mask=m2, other=0.0)
         if UPCAST:
@@ -92,14 +96,16 @@ def _load_keys(
         return tl.trans(k_nope), tl.trans(k_rope), k_nope
     else:
         # MODEL1: token records (448 e4m3 + 64 bf16) at page + row * 576, then the page's
-        # 8-byte scale records at page + PAGE * 576 + row * 8.
+        # 8-byte scale records (7 UE8M0 exponents, one per 64 values) at page + PAGE * 576 + row * 8.
         page_base = cache + page.to(tl.int64) * stride_page
         rec = page_base + row.to(tl.int64) * 576
         is_fp8 = cols[None, :] < 448
         raw = tl.load(rec[:, None] + cols[None, :], mask=m2 & is_fp8, other=0)
-        expo = tl.load(page_base[:, None] + PAGE * 576 + row[:, None].to(tl.int64) * 8 + cols[None, :] // 64, mask=m2 & is_fp8, other=127)
+        scale_rec = page_base + PAGE * 576 + row.to(tl.int64) * 8
+        expo = tl.load(scale_rec[:, None] + tl.arange(0, 8)[None, :], mask=m2, other=127)
         scale = tl.exp2(expo.to(tl.float32) - 127.0)
-        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
+        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32).reshape(raw.shape[0], 8, 64)
+        nope = (nope * scale[:, :, None]).reshape(raw.shape[0], D_NOPE)
         rope_ptr = (rec + 448).to(tl.pointer_type(tl.bfloat16))
         rope = tl.load(rope_ptr[:, None] + (cols[None, :] - 448), mask=m2 & (cols[None, :] >= 448), other=0.0)
         k_nope = tl.where(is_fp8, nope, rope.to(tl.float32))
@@ -162,6 +168,41 @@ def _attend(
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _store_partial(o_acc, lse_acc, slot, t_row, head, row_ok, acc, m_i, l_i,
+                   stride_ab, stride_at, stride_ah, D_V: tl.constexpr):  # fmt: skip
+    """One piece of a split request: fp32 output normalised by its own sum, base-2 lse."""
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    rows = _i64(slot) * stride_ab + t_row.to(tl.int64) * stride_at + head.to(tl.int64) * stride_ah
+    tl.store(o_acc + rows[:, None] * D_V + tl.arange(0, D_V)[None, :], o, mask=row_ok[:, None])
+    tl.store(lse_acc + rows, lse2, mask=row_ok)
+
+
+@triton.jit
+def _store_final(out, lse, max_logits, sink, r, t_row, head, row_ok, acc, m_i, l_i,
+                 stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
+                 HAS_SINK: tl.constexpr, HAS_MAX_LOGITS: tl.constexpr, D_V: tl.constexpr,
+                 UPCAST: tl.constexpr):  # fmt: skip
+    """A whole request: output (sink applied) in the output dtype, natural lse (+inf if empty)."""
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))
+    if HAS_SINK:  # out / (1 + exp(sink - lse)); lse itself is not changed
+        sink_h = tl.load(sink + head, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        o = o / (1.0 + tl.exp2(sink_h - lse2))[:, None]
+    o = tl.where(empty[:, None], 0.0, o)
+    if UPCAST and out.dtype.element_ty == tl.bfloat16:
+        o = round_to_bf16(o)
+    out_rows = _i64(r) * stride_ob + t_row.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+    tl.store(out + out_rows[:, None] + tl.arange(0, D_V)[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    lse_rows = _i64(r) * stride_lb + t_row.to(tl.int64) * stride_lt + head.to(tl.int64) * stride_lh
+    tl.store(lse + lse_rows, tl.where(empty, float("inf"), lse2 * 0.6931471805599453), mask=row_ok)
+    if HAS_MAX_LOGITS:
+        tl.store(max_logits + lse_rows, tl.where(empty, float("-inf"), m_i * 0.6931471805599453), mask=row_ok)
 
 
 @triton.jit
@@ -276,27 +317,17 @@ def mla_attention_kernel(
             )  # fmt: skip
 
         # Epilogue: the whole request's result, or one piece of a split request.
-        split = ((r == begin_req) & (first_split != 0)) | ((r == end_req) & (last_split != 0))
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        cols = tl.arange(0, D_V)
-        if split:
-            slot = tl.load(num_splits + r) + tl.where(r == begin_req, begin_split, 0)
-            acc_rows = slot.to(tl.int64) * stride_ab + t_row.to(tl.int64) * stride_at + head.to(tl.int64) * stride_ah
-            tl.store(o_acc + acc_rows[:, None] * D_V + cols[None, :], o, mask=row_ok[:, None])
-            tl.store(lse_acc + acc_rows, lse2, mask=row_ok)
+        if PERSISTENT:
+            split = ((r == begin_req) & (first_split != 0)) | ((r == end_req) & (last_split != 0))
+            if split:
+                slot = tl.load(num_splits + r) + tl.where(r == begin_req, begin_split, 0)
+                _store_partial(o_acc, lse_acc, slot, t_row, head, row_ok, acc, m_i, l_i,
+                               stride_ab, stride_at, stride_ah, D_V)  # fmt: skip
+            else:
+                _store_final(out, lse, max_logits, sink, r, t_row, head, row_ok, acc, m_i, l_i,
+                             stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
+                             HAS_SINK, HAS_MAX_LOGITS, D_V, UPCAST)  # fmt: skip
         else:
-            if HAS_SINK:  # out * 1 / (1 + exp(sink - lse)); no effect on lse
-                sink_h = tl.load(sink + head, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-                o = o / (1.0 + tl.exp2(sink_h - lse2))[:, None]
-            o = tl.where(empty[:, None], 0.0, o)
-            if UPCAST and out.dtype.element_ty == tl.bfloat16:
-                o = round_to_bf16(o)
-            out_rows = _i64(r) * stride_ob + t_row.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
-            tl.store(out + out_rows[:, None] + cols[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
-            lse_rows = _i64(r) * stride_lb + t_row.to(tl.int64) * stride_lt + head.to(tl.int64) * stride_lh
-            tl.store(lse + lse_rows, tl.where(empty, float("inf"), lse2 * 0.6931471805599453), mask=row_ok)
-            if HAS_MAX_LOGITS:
-                mx = tl.where(empty, float("-inf"), m_i * 0.6931471805599453)
-                tl.store(max_logits + lse_rows, mx, mask=row_ok)
+            _store_final(out, lse, max_logits, sink, r, t_row, head, row_ok, acc, m_i, l_i,
+                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
+                         HAS_SINK, HAS_MAX_LOGITS, D_V, UPCAST)  # fmt: skip
