@@ -34,6 +34,9 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+TRITON = ("triton==3.6.0", "numpy<2.4")  # the GPU machine's Triton; its interpreter needs numpy < 2.4
+
+
 @nox.session(name="test-ref", python=PYTHON)
 def test_ref(session: nox.Session) -> None:
     """Core (API, formats, scheduler, registry) and the reference backend against the oracle;
@@ -42,3 +45,15 @@ def test_ref(session: nox.Session) -> None:
     session.run("pytest", *CORE_TESTS, "tests", *session.posargs)
     session.run("flashmla", "info")
     session.run("flashmla", "bench")
+
+
+@nox.session(name="test-triton", python=PYTHON)
+def test_triton(session: nox.Session) -> None:
+    """The Triton backend on CPU: every kernel against the reference in Triton's interpreter
+    (the cross-backend parity suite plus the backend's own tests), then ahead-of-time
+    compilation of the benchmark configurations for sm_80, sm_90 and sm_100 (registers, spills,
+    HGMMA)."""
+    _install(session, *TRITON, "-e", "packages/flashmla-triton")
+    interpret = {"TRITON_INTERPRET": "1"}
+    session.run("pytest", "tests", "packages/flashmla-triton/tests", "-k", "triton or not parity", env=interpret)
+    session.run("pytest", "packages/flashmla-triton/tests", "-k", "compile", "-s", env={"TRITON_INTERPRET": "0"})

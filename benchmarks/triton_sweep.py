@@ -8,6 +8,7 @@ rows allow. Prints one line per (shape, config) with time, TFLOP/s, GB/s and max
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 from flashmla_triton import decode
@@ -27,22 +28,31 @@ def main() -> None:
         op = "decode" if shape.op == "decode" else shape.op
         ref = testing.reference(op, inputs)
         for cfg in configs:
-            decode.choose_config = lambda rows, fmt=None, cfg=cfg: decode.Config(min(cfg[0], max(16, rows)), *cfg[1:])
+            decode.choose_config = lambda rows, fmt=None, cc=None, cfg=cfg: decode.Config(
+                min(cfg[0], max(16, rows)), *cfg[1:]
+            )
             with flashmla.use_backend("triton"):
                 if op == "decode":
-                    run_inputs = dict(inputs, tile_scheduler_metadata=flashmla.get_mla_metadata()[0])
-                    fn = lambda: flashmla.flash_mla_with_kvcache(**run_inputs)  # noqa: E731
+                    meta = flashmla.get_mla_metadata()[0]
+                    fn = partial(flashmla.flash_mla_with_kvcache, **inputs)
+                    fn = partial(fn, tile_scheduler_metadata=meta)
                 else:
-                    fn = lambda: flashmla.flash_mla_sparse_fwd(**inputs)  # noqa: E731
+                    fn = partial(flashmla.flash_mla_sparse_fwd, **inputs)
                 try:
                     out = fn()
                     err = testing.max_error(out[0], ref[0])
                     t = time_us(fn, torch.device("cuda"))
                 except Exception as exc:
-                    print(f"{shape.id} {cfg} FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    print(
+                        f"{shape.id} {cfg} FAILED {type(exc).__name__}: {str(exc)[:200]}",
+                        flush=True,
+                    )
                     continue
             ratio = f" {t / shape.flashmla_us:.2f}x FlashMLA" if shape.flashmla_us else ""
-            print(f"{shape.id} {cfg} {t:9.1f} us {flop / t / 1e6:7.1f} TFLOP/s {nbytes / t / 1e3:7.0f} GB/s err {err:.1e}{ratio}", flush=True)
+            print(
+                f"{shape.id} {cfg} {t:9.1f} us {flop / t / 1e6:7.1f} TFLOP/s {nbytes / t / 1e3:7.0f} GB/s err {err:.1e}{ratio}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

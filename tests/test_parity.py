@@ -76,14 +76,18 @@ DENSE_GPU = [
 
 @pytest.mark.parametrize("case", DENSE_SMALL, ids=_case_id)
 def test_dense_decode(backend, case):
-    _check_decode(backend, testing.dense_decode_inputs(device=DEVICE, seed=1, **case), "dense_decode")
+    _check_decode(
+        backend, testing.dense_decode_inputs(device=DEVICE, seed=1, **case), "dense_decode"
+    )
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", DENSE_GPU, ids=_case_id)
 def test_dense_decode_gpu(backend, case):
-    _check_decode(backend, testing.dense_decode_inputs(device=DEVICE, seed=2, **case), "dense_decode")
+    _check_decode(
+        backend, testing.dense_decode_inputs(device=DEVICE, seed=2, **case), "dense_decode"
+    )
 
 
 @gpu
@@ -125,19 +129,25 @@ SPARSE_GPU = [
 
 @pytest.mark.parametrize("case", SPARSE_SMALL, ids=_case_id)
 def test_sparse_decode(backend, case):
-    _check_decode(backend, testing.sparse_decode_inputs(device=DEVICE, seed=4, **case), "sparse_decode")
+    _check_decode(
+        backend, testing.sparse_decode_inputs(device=DEVICE, seed=4, **case), "sparse_decode"
+    )
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", SPARSE_GPU, ids=_case_id)
 def test_sparse_decode_gpu(backend, case):
-    _check_decode(backend, testing.sparse_decode_inputs(device=DEVICE, seed=5, **case), "sparse_decode")
+    _check_decode(
+        backend, testing.sparse_decode_inputs(device=DEVICE, seed=5, **case), "sparse_decode"
+    )
 
 
 def test_sparse_decode_all_invalid(backend):
     """Rows whose every index is invalid: out 0, lse +inf, whatever the sink."""
-    inputs = testing.sparse_decode_inputs(2, 2, 16, 64, s_k=100, attn_sink=True, device=DEVICE, seed=6)
+    inputs = testing.sparse_decode_inputs(
+        2, 2, 16, 64, s_k=100, attn_sink=True, device=DEVICE, seed=6
+    )
     inputs["indices"][0] = -1
     inputs["indices"][1, 1] = torch.iinfo(torch.int32).max
     _check_decode(backend, inputs, "sparse_decode")
@@ -208,7 +218,9 @@ def _check_mha(backend: str, case: dict) -> None:
     inputs = testing.mha_inputs(device=DEVICE, seed=9, requires_grad=True, **case)
     skip_unless_supported(backend, testing.problem_for("mha_forward", inputs))
     ref_inputs = {
-        k: v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        k: v.detach().requires_grad_()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+        else v
         for k, v in inputs.items()
     }
     with flashmla.use_backend(backend):

@@ -45,7 +45,10 @@ def _eager_metadata(
     problems.need_int_vector(
         "cache_seqlens", cache_seqlens, cache_seqlens.shape[0], cache_seqlens.device, "b"
     )
-    for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
+    for name, value in (
+        ("num_q_tokens_per_head_k", num_q_tokens_per_head_k),
+        ("num_heads_k", num_heads_k),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(name, "must be a positive int", value)
     num_sms = device_sm_count(cache_seqlens.device)
@@ -170,8 +173,16 @@ def flash_attn_varlen_func(
 
 
 def _need_head_dim_qk(head_dim_qk: object, width: int, parts: int) -> int:
-    if isinstance(head_dim_qk, bool) or not isinstance(head_dim_qk, int) or not 0 < head_dim_qk * parts < width:
-        raise InvalidArgumentError("head_dim_qk", f"must be a positive int below 1/{parts} of the packed width {width}", head_dim_qk)
+    if (
+        isinstance(head_dim_qk, bool)
+        or not isinstance(head_dim_qk, int)
+        or not 0 < head_dim_qk * parts < width
+    ):
+        raise InvalidArgumentError(
+            "head_dim_qk",
+            f"must be a positive int below 1/{parts} of the packed width {width}",
+            head_dim_qk,
+        )
     return head_dim_qk
 
 

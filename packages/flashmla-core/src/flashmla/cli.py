@@ -34,7 +34,10 @@ def info(out=sys.stdout) -> None:
     import flashmla
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"flashmla {flashmla.__version__}, torch {torch.__version__}, device {describe_device(device)}", file=out)
+    print(
+        f"flashmla {flashmla.__version__}, torch {torch.__version__}, device {describe_device(device)}",
+        file=out,
+    )
     backends = sorted(REGISTRY.backends().values(), key=lambda b: -b.spec.priority)
     print("\nbackend     version  priority  status", file=out)
     for b in backends:
@@ -51,7 +54,9 @@ def info(out=sys.stdout) -> None:
             if support is None:
                 print(f"  {b.name:9} -", file=out)
                 continue
-            reasons = ([b.unavailable_reason()] if b.unavailable_reason() else []) + support.device_reasons(device)
+            reasons = (
+                [b.unavailable_reason()] if b.unavailable_reason() else []
+            ) + support.device_reasons(device)
             verdict = "yes" if not reasons else "no: " + "; ".join(reasons)
             print(f"  {b.name:9} {verdict}  [{_summary(op, support)}]", file=out)
 
@@ -61,10 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="installed backends and what each supports on this device")
     bench = sub.add_parser("bench", help="benchmark every available backend against the reference")
-    bench.add_argument("--shapes", help="comma-separated shape ids (D1..D11, S1..S4, P1..P3, M1, M2)")
+    bench.add_argument(
+        "--shapes", help="comma-separated shape ids (D1..D11, S1..S4, P1..P3, M1, M2)"
+    )
     bench.add_argument("--backends", help="comma-separated backend names (default: all that apply)")
     bench.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
-    bench.add_argument("--no-check", action="store_true", help="skip the comparison with the reference")
+    bench.add_argument(
+        "--no-check", action="store_true", help="skip the comparison with the reference"
+    )
     bench.add_argument("--json", metavar="PATH", help="write full results with device and versions")
     args = parser.parse_args(argv)
     if args.command == "info":

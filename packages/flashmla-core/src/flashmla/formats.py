@@ -75,7 +75,9 @@ def detect_cache_format(argument: str, cache: torch.Tensor, is_fp8: bool) -> Cac
                 tuple(cache.shape),
             )
         if cache.shape[2] != 1:
-            raise ShapeError(argument, "FP8 caches hold one KV head (shape[2] == 1)", cache.shape[2])
+            raise ShapeError(
+                argument, "FP8 caches hold one KV head (shape[2] == 1)", cache.shape[2]
+            )
         if cache.stride(-1) != 1 or cache.stride(1) != cache.shape[-1]:
             raise LayoutError(
                 argument,

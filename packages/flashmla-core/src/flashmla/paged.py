@@ -68,7 +68,9 @@ def make_block_table(
     return table.to(cache_seqlens.device), total
 
 
-def write_kv_cache(kv_cache: Tensor, new_kv: Tensor, slot_mapping: Tensor, *, is_fp8: bool | None = None) -> None:
+def write_kv_cache(
+    kv_cache: Tensor, new_kv: Tensor, slot_mapping: Tensor, *, is_fp8: bool | None = None
+) -> None:
     """Write ``new_kv [n, h_kv, d]`` into flat slots ``slot_mapping [n]`` of a paged cache,
     quantizing on write for FP8 caches. Slots outside ``[0, num_blocks * B)`` (``-1`` included)
     are skipped. ``is_fp8`` defaults to "the cache holds bytes"."""
@@ -123,7 +125,10 @@ def kv_bytes_per_token(shape: AttentionShape, cache_format: CacheFormat | str = 
 
 
 def kv_cache_bytes(
-    shape: AttentionShape, num_tokens: int, num_layers: int, cache_format: CacheFormat | str = "bf16"
+    shape: AttentionShape,
+    num_tokens: int,
+    num_layers: int,
+    cache_format: CacheFormat | str = "bf16",
 ) -> int:
     return kv_bytes_per_token(shape, cache_format) * num_tokens * num_layers
 

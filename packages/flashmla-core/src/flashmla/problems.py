@@ -119,7 +119,9 @@ def need_no_dropout(dropout_p: object) -> None:
         raise InvalidArgumentError("dropout_p", "must be 0.0 (dropout is not supported)", dropout_p)
 
 
-def need_int_vector(name: str, t: object, size: int, device: torch.device, what: str) -> torch.Tensor:
+def need_int_vector(
+    name: str, t: object, size: int, device: torch.device, what: str
+) -> torch.Tensor:
     """An int32 ``[size]`` contiguous tensor on ``device``."""
     t = need_tensor(name, t)
     need_device(name, t, device)
@@ -187,7 +189,9 @@ def _check_metadata(
     tile_scheduler_metadata: object, num_splits: object, b: int, device: torch.device
 ) -> Schedule | None:
     if tile_scheduler_metadata is None or isinstance(tile_scheduler_metadata, SchedMeta):
-        need_none("num_splits", num_splits, "must be None unless tile_scheduler_metadata is a tensor")
+        need_none(
+            "num_splits", num_splits, "must be None unless tile_scheduler_metadata is a tensor"
+        )
         return None
     md = need_tensor("tile_scheduler_metadata", tile_scheduler_metadata)
     need_device("tile_scheduler_metadata", md, device)
@@ -238,7 +242,9 @@ def _check_cache(
 
 def _check_head_dim_v(head_dim_v: object) -> None:
     if head_dim_v != DECODE_DV:
-        raise InvalidArgumentError("head_dim_v", f"must be {DECODE_DV} (V = the first 512 dims)", head_dim_v)
+        raise InvalidArgumentError(
+            "head_dim_v", f"must be {DECODE_DV} (V = the first 512 dims)", head_dim_v
+        )
 
 
 def build_dense_decode(
@@ -320,7 +326,9 @@ def build_sparse_decode(
         raise ShapeError("q", "sparse decode needs d_qk = 576 (V3.2) or 512 (MODEL1)", d)
     fmt = _check_cache("k_cache", k_cache, q, is_fp8_kvcache)
     if k_cache.shape[2] != 1:
-        raise ShapeError("k_cache", "sparse decode is MQA: h_kv (shape[2]) must be 1", k_cache.shape[2])
+        raise ShapeError(
+            "k_cache", "sparse decode is MQA: h_kv (shape[2]) must be 1", k_cache.shape[2]
+        )
     _check_head_dim_v(head_dim_v)
     indices = _check_indices("indices", indices, b, s_q, q.device)
     features = {"mtp"} if s_q > 1 else set()
@@ -346,7 +354,9 @@ def build_sparse_decode(
         )
         features.add("extra_cache")
         if extra_topk_length is not None:
-            extra_topk_length = need_int_vector("extra_topk_length", extra_topk_length, b, q.device, "b")
+            extra_topk_length = need_int_vector(
+                "extra_topk_length", extra_topk_length, b, q.device, "b"
+            )
             features.add("extra_topk_length")
     else:
         need_none("extra_indices_in_kvcache", extra_indices_in_kvcache, "needs extra_k_cache")
@@ -363,7 +373,9 @@ def build_sparse_decode(
     )  # fmt: skip
 
 
-def decode_config(p: DenseDecodeProblem | SparseDecodeProblem, causal: bool, is_fp8: bool) -> DecodeConfig:
+def decode_config(
+    p: DenseDecodeProblem | SparseDecodeProblem, causal: bool, is_fp8: bool
+) -> DecodeConfig:
     """The config FlashMLA records in a SchedMeta on first use (the *requested* causal flag)."""
     b, s_q, h_q, _ = p.q.shape
     extra = getattr(p, "extra_k_cache", None)
@@ -390,7 +402,9 @@ class SparsePrefillProblem:
     attn_sink: torch.Tensor | None  # [h_q] float32
     topk_length: torch.Tensor | None  # [s_q] int32
 
-    def empty_outputs(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def empty_outputs(
+        self, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``out [s_q, h_q, 512]`` bf16, ``max_logits`` and ``lse`` ``[s_q, h_q]`` float32."""
         s_q, h_q, _ = self.q.shape
         out = self.q.new_empty((s_q, h_q, self.d_v), dtype=dtype)
@@ -542,7 +556,9 @@ class CacheWriteProblem:
     cache_format: CacheFormat
 
 
-def build_cache_write(kv_cache: object, new_kv: object, slot_mapping: object, is_fp8: bool) -> CacheWriteProblem:
+def build_cache_write(
+    kv_cache: object, new_kv: object, slot_mapping: object, is_fp8: bool
+) -> CacheWriteProblem:
     new_kv = need_tensor("new_kv", new_kv)
     need_ndim("new_kv", new_kv, 3, "[num_tokens, h_kv, d]")
     kv_cache = need_tensor("kv_cache", kv_cache)

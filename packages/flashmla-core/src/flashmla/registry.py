@@ -34,7 +34,14 @@ from .problems import Facts
 ENTRY_POINT_GROUP = "flashmla.backends"
 ENV_BACKEND = "FLASHMLA_BACKEND"
 
-OPS = ("dense_decode", "sparse_decode", "sparse_prefill", "mha_forward", "mha_backward", "cache_write")
+OPS = (
+    "dense_decode",
+    "sparse_decode",
+    "sparse_prefill",
+    "mha_forward",
+    "mha_backward",
+    "cache_write",
+)
 
 # Architecture-specific targets: the exact compute capabilities whose "a" variant a kernel needs.
 ARCH_TARGETS: Mapping[str, tuple[int, int]] = {"sm_90a": (9, 0), "sm_100a": (10, 0)}
@@ -86,18 +93,28 @@ class OpSupport:
         cc = capability(device)
         need = self.arch and ARCH_TARGETS[self.arch]
         if need and cc != need:
-            return [f"needs {self.arch} (compute capability {need[0]}.{need[1]}), device is {cc[0]}.{cc[1]}"]
+            return [
+                f"needs {self.arch} (compute capability {need[0]}.{need[1]}), device is {cc[0]}.{cc[1]}"
+            ]
         if self.min_cc and cc < self.min_cc:
-            return [f"needs compute capability >= {self.min_cc[0]}.{self.min_cc[1]}, device is {cc[0]}.{cc[1]}"]
+            return [
+                f"needs compute capability >= {self.min_cc[0]}.{self.min_cc[1]}, device is {cc[0]}.{cc[1]}"
+            ]
         if self.max_cc and cc > self.max_cc:
-            return [f"needs compute capability <= {self.max_cc[0]}.{self.max_cc[1]}, device is {cc[0]}.{cc[1]}"]
+            return [
+                f"needs compute capability <= {self.max_cc[0]}.{self.max_cc[1]}, device is {cc[0]}.{cc[1]}"
+            ]
         return []
 
     def reasons(self, facts: Facts) -> list[str]:
         out = self.device_reasons(facts.device)
         if facts.dtype not in self.dtypes:
             out.append(f"dtype {_dtype_name(facts.dtype)} not in {_names(self.dtypes)}")
-        if self.cache_formats is not None and facts.cache_format is not None and facts.cache_format not in self.cache_formats:
+        if (
+            self.cache_formats is not None
+            and facts.cache_format is not None
+            and facts.cache_format not in self.cache_formats
+        ):
             out.append(f"cache format {facts.cache_format} not in {_names(self.cache_formats)}")
         if self.head_dims is not None and facts.head_dims not in self.head_dims:
             out.append(f"head dims (d_qk, d_v) = {facts.head_dims} not in {sorted(self.head_dims)}")
@@ -168,7 +185,9 @@ class Backend:
                         self._module = importlib.import_module(self.spec.implementation)
                     except Exception as exc:
                         self._error = f"import of {self.spec.implementation} failed: {exc!r}"
-                        raise NoBackendError(f"backend '{self.name}' is unavailable: {self._error}") from exc
+                        raise NoBackendError(
+                            f"backend '{self.name}' is unavailable: {self._error}"
+                        ) from exc
         return self._module
 
     def reasons(self, facts: Facts) -> list[str]:
@@ -209,7 +228,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _names(items: Iterable[object]) -> str:
-    return "{" + ", ".join(sorted(_dtype_name(i) if isinstance(i, torch.dtype) else str(i) for i in items)) + "}"
+    return (
+        "{"
+        + ", ".join(sorted(_dtype_name(i) if isinstance(i, torch.dtype) else str(i) for i in items))
+        + "}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +300,9 @@ class Registry:
         backend = backends.get(name)
         if backend is None:
             known = ", ".join(sorted(backends)) or "none"
-            raise UnknownBackendError(f"no flashmla backend named '{name}' is installed (installed: {known})")
+            raise UnknownBackendError(
+                f"no flashmla backend named '{name}' is installed (installed: {known})"
+            )
         return backend
 
     def select(self, facts: Facts) -> Backend:
@@ -295,7 +320,9 @@ class Registry:
             reasons = backend.reasons(facts) or _load_reasons(backend)
             if reasons:
                 raise NoBackendError(
-                    _no_backend_text(facts, f"forced backend '{forced}' cannot run", {forced: reasons})
+                    _no_backend_text(
+                        facts, f"forced backend '{forced}' cannot run", {forced: reasons}
+                    )
                 )
             return backend
         ranked = sorted(self.backends().values(), key=lambda b: -b.priority(facts.op))
@@ -352,7 +379,9 @@ REGISTRY = Registry()
 
 
 _UNSET = "<unset>"
-_FORCED_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("flashmla_backend", default=_UNSET)
+_FORCED_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flashmla_backend", default=_UNSET
+)
 _FORCED_GLOBAL: str | None = None
 
 

@@ -234,9 +234,12 @@ def combine_splits(
     """
     b = num_splits.shape[0] - 1
     slots = lse_accum.shape[0]
-    seg = torch.searchsorted(
-        num_splits.to(torch.int64), torch.arange(slots, device=lse_accum.device), right=True
-    ) - 1
+    seg = (
+        torch.searchsorted(
+            num_splits.to(torch.int64), torch.arange(slots, device=lse_accum.device), right=True
+        )
+        - 1
+    )
     seg = seg.clamp(0, b - 1)
     used = torch.arange(slots, device=lse_accum.device) < num_splits[-1].to(torch.int64)
     lse2 = torch.where(used.view(-1, *[1] * (lse_accum.dim() - 1)), lse_accum.float(), -math.inf)

@@ -34,7 +34,11 @@ TOLERANCES: dict[str, dict[str, tuple[float, float, float]]] = {
         "max_logits": (1e-6, 2.01 / 65536, 1e-7),
         "lse": (1e-6, 2.01 / 65536, 1e-7),
     },
-    "mha": {"out": (1e-3, 8.01 / 128, 7e-6), "grad": (1e-3, 8.01 / 128, 7e-6), "lse": (1e-6, 2.01 / 65536, 1e-7)},
+    "mha": {
+        "out": (1e-3, 8.01 / 128, 7e-6),
+        "grad": (1e-3, 8.01 / 128, 7e-6),
+        "lse": (1e-6, 2.01 / 65536, 1e-7),
+    },
 }
 
 
@@ -42,13 +46,19 @@ TOLERANCES: dict[str, dict[str, tuple[float, float, float]]] = {
 # Comparison
 
 
-def compare(ans: Tensor, ref: Tensor, abs_tol: float, rel_tol: float, cos_diff_tol: float) -> list[str]:
+def compare(
+    ans: Tensor, ref: Tensor, abs_tol: float, rel_tol: float, cos_diff_tol: float
+) -> list[str]:
     """Everything wrong with ``ans`` against ``ref`` (an empty list means they match)."""
     problems = []
     if ans.shape != ref.shape:
         return [f"shape {tuple(ans.shape)} != {tuple(ref.shape)}"]
     a, r = ans.double(), ref.double()
-    for name, test in (("nan", torch.isnan), ("+inf", lambda x: x == math.inf), ("-inf", lambda x: x == -math.inf)):
+    for name, test in (
+        ("nan", torch.isnan),
+        ("+inf", lambda x: x == math.inf),
+        ("-inf", lambda x: x == -math.inf),
+    ):
         mismatch = test(a) != test(r)
         if mismatch.any():
             where = mismatch.nonzero()[0].tolist()
@@ -75,7 +85,9 @@ def compare(ans: Tensor, ref: Tensor, abs_tol: float, rel_tol: float, cos_diff_t
     return problems
 
 
-def assert_close(name: str, ans: Tensor, ref: Tensor, tolerance: tuple[float, float, float]) -> None:
+def assert_close(
+    name: str, ans: Tensor, ref: Tensor, tolerance: tuple[float, float, float]
+) -> None:
     problems = compare(ans, ref, *tolerance)
     if problems:
         raise AssertionError(f"{name} mismatch:\n  " + "\n  ".join(problems))
@@ -164,7 +176,9 @@ def _token_slots(table: Tensor, lengths: list[int], page: int) -> Tensor:
     return slots[live]
 
 
-def _fill_cache(cache: Tensor, fmt: CacheFormat, d: int, rng: _Rng, chunk_tokens: int = 1 << 18) -> None:
+def _fill_cache(
+    cache: Tensor, fmt: CacheFormat, d: int, rng: _Rng, chunk_tokens: int = 1 << 18
+) -> None:
     """Fill a paged cache with ``randn / 10`` clamped to ±1, chunk by chunk (FP8 quantized)."""
     num_blocks, page, h_kv = cache.shape[0], cache.shape[1], cache.shape[2]
     per_chunk = max(1, chunk_tokens // page)
@@ -196,10 +210,14 @@ def _poison_tokens(cache: Tensor, fmt: CacheFormat, dead: Tensor) -> None:
         pages[block[:, None], idx] = 0xFF
 
 
-def _new_cache(fmt: CacheFormat, num_blocks: int, page: int, h_kv: int, d: int, device: torch.device) -> Tensor:
+def _new_cache(
+    fmt: CacheFormat, num_blocks: int, page: int, h_kv: int, d: int, device: torch.device
+) -> Tensor:
     if fmt.is_fp8:
         align = 576 if fmt is CacheFormat.FP8_MODEL1 else None
-        return allocate_paged_cache(num_blocks, page, cache_format=fmt, device=device, page_align=align)
+        return allocate_paged_cache(
+            num_blocks, page, cache_format=fmt, device=device, page_align=align
+        )
     dtype = torch.bfloat16 if fmt is CacheFormat.BF16 else torch.float16
     return torch.empty(num_blocks, page, h_kv, d, dtype=dtype, device=device)
 
@@ -243,7 +261,9 @@ def dense_decode_inputs(
     fmt = CacheFormat(cache_format or ("bf16" if dtype == torch.bfloat16 else "fp16"))
     d = fmt.head_dim or 576
     page = page_block_size
-    lengths = list(seqlens) if seqlens is not None else _lengths(b, s_k, s_q, varlen, zero_frac, rng)
+    lengths = (
+        list(seqlens) if seqlens is not None else _lengths(b, s_k, s_q, varlen, zero_frac, rng)
+    )
     blocks = [math.ceil(n / page) for n in lengths]
     width = max(max(blocks), 1) + (1 if poison else 0)  # a spare column of unused entries
     num_blocks = max(sum(blocks), 1) + (2 if poison else 0)  # spare pages nobody owns
@@ -251,7 +271,9 @@ def dense_decode_inputs(
     cache = _new_cache(fmt, num_blocks, page, h_kv, d, device)
     _fill_cache(cache, fmt, d, rng)
     if poison:
-        _poison_tokens(cache, fmt, _dead_slots(num_blocks * page, _token_slots(table, lengths, page)))
+        _poison_tokens(
+            cache, fmt, _dead_slots(num_blocks * page, _token_slots(table, lengths, page))
+        )
     q_dtype = torch.bfloat16 if fmt.is_fp8 else dtype
     q = (rng.randn(b, s_q, h_q, d) / 10).clamp(-1, 1).to(q_dtype)
     if not contiguous:
@@ -278,7 +300,9 @@ def _random_positions(rows: int, length: Tensor, topk: int, s_k: int, rng: _Rng)
     """``[rows, topk]`` distinct random positions below each row's ``length`` (in random order),
     ``-1`` where a row has fewer than ``topk``."""
     k = min(topk, s_k)
-    score = rng.rand(rows, s_k).masked_fill(torch.arange(s_k, device=rng.device) >= length[:, None], -1.0)
+    score = rng.rand(rows, s_k).masked_fill(
+        torch.arange(s_k, device=rng.device) >= length[:, None], -1.0
+    )
     value, pos = score.topk(k, dim=1)
     pos = torch.where(value >= 0, pos, -1)
     if k < topk:
@@ -412,12 +436,20 @@ def sparse_prefill_inputs(
     if invalid_rows:
         rows = rng.rand(s_q) < 0.02
         rows[0] = True
-        pos = torch.where(rows[:, None], INVALID_INDEX_VALUES[int(rng.randint(len(INVALID_INDEX_VALUES), (1,)))], pos)
-    inputs: dict[str, Any] = dict(q=q, kv=kv, indices=pos.view(s_q, 1, topk).to(torch.int32), sm_scale=0.5, d_v=512)
+        pos = torch.where(
+            rows[:, None],
+            INVALID_INDEX_VALUES[int(rng.randint(len(INVALID_INDEX_VALUES), (1,)))],
+            pos,
+        )
+    inputs: dict[str, Any] = dict(
+        q=q, kv=kv, indices=pos.view(s_q, 1, topk).to(torch.int32), sm_scale=0.5, d_v=512
+    )
     if attn_sink:
         inputs["attn_sink"] = rng.randn(h_q)
     if topk_length:
-        inputs["topk_length"] = rng.randint(max(topk, 63) + 1, (s_q,)).clamp(max=topk).to(torch.int32)
+        inputs["topk_length"] = (
+            rng.randint(max(topk, 63) + 1, (s_q,)).clamp(max=topk).to(torch.int32)
+        )
     if not contiguous:
         for key in ("q", "kv", "indices"):
             inputs[key] = non_contiguous(inputs[key])
@@ -505,7 +537,9 @@ def reference(op: str, inputs: dict[str, Any]) -> tuple[Tensor, ...]:
 
     p = problem_for(op, inputs)
     if op == "decode":
-        run: Callable = ref.sparse_decode if isinstance(p, SparseDecodeProblem) else ref.dense_decode
+        run: Callable = (
+            ref.sparse_decode if isinstance(p, SparseDecodeProblem) else ref.dense_decode
+        )
         return run(p, None, out_dtype=torch.float32)
     if op == "sparse_prefill":
         return ref.sparse_prefill(p, out_dtype=torch.float32)

@@ -30,8 +30,12 @@ def spec():
         features=frozenset({"mtp", "attn_sink", "topk_length", "extra_cache", "extra_topk_length"}),
     )
     prefill = OpSupport(devices=anywhere, features=frozenset({"attn_sink", "topk_length"}))
-    mha = OpSupport(devices=anywhere, dtypes=halves, features=frozenset({"causal", "gqa"}), capturable=False)
-    write = OpSupport(devices=anywhere, dtypes=halves, cache_formats=frozenset(CacheFormat), capturable=False)
+    mha = OpSupport(
+        devices=anywhere, dtypes=halves, features=frozenset({"causal", "gqa"}), capturable=False
+    )
+    write = OpSupport(
+        devices=anywhere, dtypes=halves, cache_formats=frozenset(CacheFormat), capturable=False
+    )
     return BackendSpec(
         name="ref",
         version=__version__,

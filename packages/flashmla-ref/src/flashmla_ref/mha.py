@@ -46,7 +46,9 @@ class _Chunk:
         hc = self.kv_heads.numel()
         vals = values.reshape(c, hc, mq, self.group, *values.shape[2:]).transpose(1, 2)
         rows = self.q_rows[:, :, None].expand(c, mq, hc * self.group)
-        buf[rows, self.q_heads.expand(c, mq, -1)] = vals.reshape(c, mq, hc * self.group, *values.shape[2:])
+        buf[rows, self.q_heads.expand(c, mq, -1)] = vals.reshape(
+            c, mq, hc * self.group, *values.shape[2:]
+        )
 
     def add_keys(self, buf: Tensor, values: Tensor) -> None:
         """Accumulate per-key ``values [c*hc, Mk, dim]`` into ``buf [total_k + 1, h_kv, dim]``."""
@@ -85,7 +87,9 @@ def _chunks(p: MhaProblem) -> Iterator[_Chunk]:
         sees = q_ok[:, :, None] & k_ok[:, None, :]  # [c, Mq, Mk]
         if p.causal:  # bottom-right: query i sees key j <= i + (L_k - L_q)
             shift = (k_ok.sum(1) - q_ok.sum(1))[:, None, None]
-            sees = sees & (torch.arange(mk, device=dev) <= torch.arange(mq, device=dev)[:, None] + shift)
+            sees = sees & (
+                torch.arange(mk, device=dev) <= torch.arange(mq, device=dev)[:, None] + shift
+            )
         for heads in chunks(h_kv, per_pair * c):
             kv_heads = torch.arange(heads.start, heads.stop, device=dev)
             hc = kv_heads.numel()

@@ -47,7 +47,9 @@ def dense_decode(
     for c in chunks(b, n_keys * h_kv * (d + s_q * group)):
         pages = table[c].long()
         page_ok = (pages >= 0) & (pages < num_blocks)
-        slots = (torch.where(page_ok, pages, 0)[:, :, None] * page + torch.arange(page, device=q.device)).flatten(1)
+        slots = (
+            torch.where(page_ok, pages, 0)[:, :, None] * page + torch.arange(page, device=q.device)
+        ).flatten(1)
         token_ok = page_ok.repeat_interleave(page, dim=1) & (positions < lengths[c, None])  # [c, N]
         keys = read_tokens(cache, slots, p.cache_format).float()  # [c, N, h_kv, d]
         keys = keys.masked_fill(~token_ok[:, :, None, None], 0.0).transpose(1, 2)  # [c, h_kv, N, d]
@@ -62,7 +64,12 @@ def dense_decode(
             sees.reshape(-1, s_q * group, n_keys), p.softmax_scale,
         )  # fmt: skip
         n = pages.shape[0]
-        out[c] = o.view(n, h_kv, s_q, group, 512).permute(0, 2, 1, 3, 4).reshape(n, s_q, h_q, 512).to(out.dtype)
+        out[c] = (
+            o.view(n, h_kv, s_q, group, 512)
+            .permute(0, 2, 1, 3, 4)
+            .reshape(n, s_q, h_q, 512)
+            .to(out.dtype)
+        )
         lse[c] = l.view(n, h_kv, s_q, group).permute(0, 1, 3, 2).reshape(n, h_q, s_q)
     return out, lse
 
@@ -90,7 +97,10 @@ def sparse_decode(
     out, lse = p.empty_outputs(out_dtype)
     for c in chunks(b, s_q * n_keys * (d + h_q)):
         keys, valid = _gather_candidates(
-            p.k_cache, p.indices[c], None if p.topk_length is None else p.topk_length[c], p.cache_format
+            p.k_cache,
+            p.indices[c],
+            None if p.topk_length is None else p.topk_length[c],
+            p.cache_format,
         )
         if p.extra_k_cache is not None:
             length = None if p.extra_topk_length is None else p.extra_topk_length[c]

@@ -31,15 +31,27 @@ def spec():
         devices=devices, min_cc=cc, cache_formats=frozenset(CacheFormat),
         features=frozenset({"mtp", "attn_sink", "topk_length", "extra_cache", "extra_topk_length"}),
     )  # fmt: skip
-    prefill = OpSupport(devices=devices, min_cc=cc, features=frozenset({"attn_sink", "topk_length"}))
+    prefill = OpSupport(
+        devices=devices, min_cc=cc, features=frozenset({"attn_sink", "topk_length"})
+    )
     mha_dims = frozenset({(128, 128), (192, 128), (64, 64), (128, 64)})
     mha_fwd = OpSupport(
-        devices=devices, min_cc=cc, dtypes=halves, head_dims=mha_dims, features=frozenset({"causal", "gqa"})
+        devices=devices,
+        min_cc=cc,
+        dtypes=halves,
+        head_dims=mha_dims,
+        features=frozenset({"causal", "gqa"}),
     )
     mha_bwd = OpSupport(
-        devices=devices, min_cc=cc, dtypes=halves, head_dims=mha_dims, features=frozenset({"causal", "gqa"})
+        devices=devices,
+        min_cc=cc,
+        dtypes=halves,
+        head_dims=mha_dims,
+        features=frozenset({"causal", "gqa"}),
     )
-    write = OpSupport(devices=devices, min_cc=cc, dtypes=halves, cache_formats=frozenset(CacheFormat))
+    write = OpSupport(
+        devices=devices, min_cc=cc, dtypes=halves, cache_formats=frozenset(CacheFormat)
+    )
     return BackendSpec(
         name="triton",
         version=__version__,

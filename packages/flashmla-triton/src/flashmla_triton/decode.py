@@ -23,7 +23,12 @@ from .kernels.combine import combine_kernel
 from .kernels.schedule import schedule_kernel
 from .launch import Launch
 
-FMT_CODE = {CacheFormat.BF16: 0, CacheFormat.FP16: 0, CacheFormat.FP8_V32: 1, CacheFormat.FP8_MODEL1: 2}
+FMT_CODE = {
+    CacheFormat.BF16: 0,
+    CacheFormat.FP16: 0,
+    CacheFormat.FP8_V32: 1,
+    CacheFormat.FP8_MODEL1: 2,
+}
 
 
 @dataclass(frozen=True)
@@ -35,14 +40,22 @@ class Config:
     ctas_per_sm: int = 1  # persistent CTAs per SM (more when tiles are small)
 
 
-def choose_config(rows: int, fmt: CacheFormat = CacheFormat.BF16) -> Config:
+def target_cc(device: torch.device) -> tuple[int, int]:
+    """The compute capability kernels are built for (Hopper's for CPU tensors: AOT tests)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+
+
+def choose_config(
+    rows: int, fmt: CacheFormat = CacheFormat.BF16, cc: tuple[int, int] = (9, 0)
+) -> Config:
     """Tiles for ``rows`` query rows per group (s_q * h_q / h_kv dense, h_q sparse).
 
     64-row tiles use Hopper's warpgroup MMA with two warpgroups splitting the 512 output
-    columns; FP8 tiles are dequantized through registers, so they are not pipelined."""
+    columns; FP8 tiles are dequantized through registers, so they are not pipelined. Blackwell
+    stages its operands differently and gets one stage (it fits shared memory)."""
     if INTERPRET:
         return Config(max(16, min(64, triton.next_power_of_2(rows))), 64, 4, 1)
-    stages = 1 if fmt.is_fp8 else 2
+    stages = 1 if fmt.is_fp8 or cc[0] >= 10 else 2
     if rows <= 16:
         return Config(16, 64, 4, stages)
     if rows <= 32:
@@ -61,7 +74,7 @@ def _groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]
 
 def _num_parts(p: DenseDecodeProblem | SparseDecodeProblem) -> int:
     rows, axis1, _ = _groups(p)
-    cfg = choose_config(rows, p.cache_format)
+    cfg = choose_config(rows, p.cache_format, target_cc(p.q.device))
     m_tiles = triton.cdiv(rows, cfg.block_m)
     return max(device_sm_count(p.q.device) * cfg.ctas_per_sm // (m_tiles * axis1), 1)
 
@@ -105,6 +118,12 @@ def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple:
     return cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.shape[0]
 
 
+def _fp8_hardware(device: torch.device) -> bool:
+    """Whether to convert e4m3 in hardware (compute capability 8.9 and newer). The interpreter
+    runs the bit-arithmetic path, the one older GPUs use."""
+    return not INTERPRET and target_cc(device) >= (8, 9)
+
+
 def _dims(fmt: CacheFormat, d: int) -> tuple[int, int]:
     """(D_NOPE, D_ROPE): MODEL1 and 512-dim plain rows have no separate RoPE tile."""
     if fmt is CacheFormat.FP8_MODEL1 or d == 512:
@@ -120,7 +139,7 @@ def attention_launches(
     rows: int, axis1: int, group: int, sparse: bool, causal: bool, scale: float,
 ) -> list[Launch]:  # fmt: skip
     """The attention kernel's launch (and the combine's, for a split-KV schedule)."""
-    cfg = choose_config(rows, fmt)
+    cfg = choose_config(rows, fmt, target_cc(q4.device))
     b, s_q, h_q, d = q4.shape
     persistent = schedule is not None
     parts = schedule.metadata.shape[0] if persistent else num_requests
@@ -156,10 +175,19 @@ def attention_launches(
         HAS_LENGTHS2=extra_len is not None, HAS_SINK=sink is not None,
         HAS_MAX_LOGITS=max_logits is not None, D_NOPE=d_nope, D_ROPE=d_rope, D_V=512,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, UPCAST=INTERPRET,
-        SINGLE_LOAD=True,
+        FP8_HW=_fp8_hardware(q4.device),
     )  # fmt: skip
     grid = (triton.cdiv(rows, cfg.block_m), axis1, parts)
-    launches = [Launch(mla_attention_kernel, grid, {**args, **constexprs}, cfg.num_warps, 1, frozenset(constexprs))]
+    launches = [
+        Launch(
+            mla_attention_kernel,
+            grid,
+            {**args, **constexprs},
+            cfg.num_warps,
+            1,
+            frozenset(constexprs),
+        )
+    ]
     if persistent:
         block_h = 16
         cargs = dict(zip(combine_kernel.arg_names, (
@@ -178,7 +206,9 @@ def _run(launches: list[Launch]) -> None:
         launch()
 
 
-def dense_decode_launches(p: DenseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor) -> list[Launch]:
+def dense_decode_launches(
+    p: DenseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor
+) -> list[Launch]:
     rows, axis1, group = _groups(p)
     return attention_launches(
         q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
@@ -190,7 +220,9 @@ def dense_decode_launches(p: DenseDecodeProblem, plan: Schedule, out: Tensor, ls
     )  # fmt: skip
 
 
-def sparse_decode_launches(p: SparseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor) -> list[Launch]:
+def sparse_decode_launches(
+    p: SparseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor
+) -> list[Launch]:
     rows, axis1, group = _groups(p)
     extra = None
     if p.extra_k_cache is not None:
@@ -205,7 +237,9 @@ def sparse_decode_launches(p: SparseDecodeProblem, plan: Schedule, out: Tensor, 
     )  # fmt: skip
 
 
-def sparse_prefill_launches(p: SparsePrefillProblem, out: Tensor, max_logits: Tensor, lse: Tensor) -> list[Launch]:
+def sparse_prefill_launches(
+    p: SparsePrefillProblem, out: Tensor, max_logits: Tensor, lse: Tensor
+) -> list[Launch]:
     """Each query token is a one-token "request" over the bf16 ``kv`` seen as a paged cache of
     one-token pages (so flat slots are token indices and ``s_kv`` bounds them)."""
     s_q, h_q, _d = p.q.shape

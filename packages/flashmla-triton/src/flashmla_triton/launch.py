@@ -32,7 +32,9 @@ class Launch:
 
     def __call__(self) -> None:
         if all(g > 0 for g in self.grid):
-            self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+            self.kernel[self.grid](
+                **self.args, num_warps=self.num_warps, num_stages=self.num_stages
+            )
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
         """Types, constants and attributes exactly as Triton's launcher specializes them:
@@ -67,7 +69,9 @@ class Launch:
         sig, const, attrs = self.signature()
         src = ASTSource(fn=self.kernel, signature=sig, constexprs=const, attrs=attrs)
         target = GPUTarget("cuda", cc, 32)
-        return triton.compile(src, target=target, options={"num_warps": self.num_warps, "num_stages": self.num_stages})
+        return triton.compile(
+            src, target=target, options={"num_warps": self.num_warps, "num_stages": self.num_stages}
+        )
 
 
 def resource_usage(compiled: Any) -> dict[str, Any]:
@@ -77,7 +81,9 @@ def resource_usage(compiled: Any) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
 
     def number(key: str) -> int:

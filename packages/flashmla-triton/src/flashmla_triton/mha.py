@@ -17,6 +17,7 @@ first call, time kernels inside CUDA-graph capture and cannot run under the inte
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,20 +43,61 @@ class MhaConfig:
     num_stages: int
 
 
-# (kernel, d_qk, d_v, causal) -> config. Hopper-oriented: BLOCK_M 128 (two warpgroups of wgmma
-# M=64), register use checked by tests/test_mha_compile.py (no spills on sm_80/sm_90).
-_CONFIGS: dict[tuple[str, int, int, bool], MhaConfig] = {}
-for _causal in (False, True):
-    for _dqk, _dv in HEAD_DIMS:
-        _CONFIGS["fwd", _dqk, _dv, _causal] = MhaConfig(128, 64 if _dqk == 192 else 128, 8, 2)
-        _CONFIGS["bwd_dq", _dqk, _dv, _causal] = MhaConfig(128, 64, 8, 2)
-        _CONFIGS["bwd_dkdv", _dqk, _dv, _causal] = MhaConfig(64, 128, 8, 2)
+# Launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages) per tier and head dims; the
+# same for causal and not. "sm90" (Hopper, 227 KiB of shared memory):
+# BLOCK_M 128 = two warpgroups of wgmma M=64 for the forward and dQ; dK/dV tiles hold 128 keys
+# (M of its main dots) and step over 32 queries, because the dK+dV accumulators alone take
+# 128 x (d_qk + d_v) fp32 and 64-query steps spill. "sm80" (Ampere, Ada, consumer Blackwell:
+# <= 99 KiB fits every one): mma.sync keeps operands in registers, so tiles are smaller.
+# tests/test_mha_compile.py compiles each for its targets: no spills, shared memory in budget.
+_TABLE: dict[str, dict[tuple[int, int], tuple[tuple[int, ...], ...]]] = {
+    #            fwd                dq                 dkdv
+    "sm90": {
+        (192, 128): ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
+        (128, 128): ((128, 64, 8, 3), (128, 64, 8, 3), (32, 128, 8, 3)),
+        (64, 64): ((128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 8, 3)),
+        (128, 64): ((128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 8, 3)),
+    },
+    # datacenter Blackwell (tcgen05, accumulators in tensor memory): sm90's, except two that
+    # spill there
+    "sm100": {
+        (192, 128): ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
+        (128, 128): ((128, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)),
+        (64, 64): ((128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 3)),
+        (128, 64): ((128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 8, 3)),
+    },
+    "sm80": {
+        (192, 128): ((128, 32, 8, 3), (64, 32, 8, 2), (16, 128, 8, 2)),
+        (128, 128): ((128, 64, 8, 3), (128, 32, 8, 2), (32, 64, 8, 2)),
+        (64, 64): ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 2)),
+        (128, 64): ((128, 64, 8, 3), (128, 32, 8, 2), (32, 64, 8, 2)),
+    },
+}
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+_CONFIGS: dict[tuple[str, str, int, int, bool], MhaConfig] = {
+    (arch, kernel, *dims, causal): MhaConfig(*cfg[i])
+    for arch, table in _TABLE.items()
+    for dims, cfg in table.items()
+    for i, kernel in enumerate(KERNELS)
+    for causal in (False, True)
+}
+assert all(dims in HEAD_DIMS for table in _TABLE.values() for dims in table)
 
 
-def configs() -> dict[tuple[str, int, int, bool], MhaConfig]:
-    """Every launch configuration used, keyed by ``(kernel, d_qk, d_v, causal)`` where kernel is
-    ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``."""
+def configs() -> dict[tuple[str, str, int, int, bool], MhaConfig]:
+    """Every launch configuration, keyed by ``(arch, kernel, d_qk, d_v, causal)``: arch is
+    ``"sm90"`` (compute capability 9.x, and the interpreter), ``"sm100"`` (10.x) or ``"sm80"``
+    (the rest); kernel is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``. To try other tiles, pass
+    ``config=`` / ``dq_config=`` / ``dkdv_config=`` to the launchers or edit ``_CONFIGS``."""
     return dict(_CONFIGS)
+
+
+@functools.cache
+def _arch_of(device: torch.device) -> str:
+    if device.type != "cuda":  # the interpreter runs the Hopper configurations
+        return "sm90"
+    major, _ = torch.cuda.get_device_capability(device)
+    return {9: "sm90", 10: "sm100"}.get(major, "sm80")
 
 
 def _split(d: int) -> tuple[int, int]:
@@ -70,9 +112,9 @@ def _split(d: int) -> tuple[int, int]:
 def _config(kernel: str, p: MhaProblem, override: MhaConfig | None) -> MhaConfig:
     if override is not None:
         return override
-    key = (kernel, p.q.shape[2], p.v.shape[2], p.causal)
+    key = (_arch_of(p.q.device), kernel, p.q.shape[2], p.v.shape[2], p.causal)
     if key not in _CONFIGS:
-        raise ValueError(f"no Triton MHA config for (d_qk, d_v) = {key[1:3]}")
+        raise ValueError(f"no Triton MHA config for (d_qk, d_v) = {key[2:4]}")
     return _CONFIGS[key]
 
 
@@ -160,19 +202,26 @@ def mha_backward(
     return dq, dk, dv
 
 
-
-def aot_source_args(kernel: str, d_qk: int, d_v: int, causal: bool, dtype: str = "bf16",
-                    group: int = 1) -> tuple[Any, dict[str, str], dict[str, Any], dict]:  # fmt: skip
+def aot_source_args(
+    arch: str, kernel: str, d_qk: int, d_v: int, causal: bool, dtype: str = "bf16", group: int = 1
+) -> tuple[Any, dict[str, str], dict[str, Any], dict]:
     """``(fn, signature, constexprs, attrs)`` for ``triton.compiler.ASTSource``: the kernel as
     :func:`mha_forward` / :func:`mha_backward` launch it for contiguous inputs (pointers and
     strides divisible by 16, lse's unit stride specialised, as Triton's JIT does)."""
-    cfg = _CONFIGS[kernel, d_qk, d_v, causal]
+    cfg = _CONFIGS[arch, kernel, d_qk, d_v, causal]
     d_a, d_b = _split(d_qk)
     fn = {"fwd": _k.mha_fwd_kernel, "bwd_dq": _k.mha_bwd_dq_kernel,
           "bwd_dkdv": _k.mha_bwd_dkdv_kernel}[kernel]  # fmt: skip
     constexprs: dict[str, Any] = dict(
-        GROUP=group, CAUSAL=causal, D_A=d_a, D_B=d_b, D_V=d_v, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, UPCAST=False, stride_lt=1,
+        GROUP=group,
+        CAUSAL=causal,
+        D_A=d_a,
+        D_B=d_b,
+        D_V=d_v,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        UPCAST=False,
+        stride_lt=1,
     )
     if kernel == "fwd":
         constexprs["SCALE_NEG"] = False
@@ -197,3 +246,46 @@ def aot_source_args(kernel: str, d_qk: int, d_v: int, causal: bool, dtype: str =
             if name not in unaligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return fn, signature, constexprs, attrs
+
+
+# Tiles worth timing when re-tuning on a new GPU (see :func:`tune`).
+TUNE_CANDIDATES: dict[str, list[MhaConfig]] = {
+    "fwd": [MhaConfig(128, n, 8, s) for n in (32, 64, 128) for s in (2, 3, 4)]
+    + [MhaConfig(64, n, 4, s) for n in (64, 128) for s in (2, 3)],
+    "bwd_dq": [MhaConfig(128, n, 8, s) for n in (32, 64, 128) for s in (2, 3)]
+    + [MhaConfig(64, n, 4, s) for n in (32, 64) for s in (2, 3)],
+    "bwd_dkdv": [
+        MhaConfig(m, n, w, s) for m in (16, 32, 64) for n, w in ((64, 4), (128, 8)) for s in (2, 3)
+    ],
+}
+
+
+def tune(
+    p: MhaProblem, kernels: tuple[str, ...] = KERNELS,
+    candidates: dict[str, list[MhaConfig]] | None = None,
+) -> dict[str, list[tuple[float, MhaConfig]]]:  # fmt: skip
+    """Time candidate tiles on problem ``p`` (a CUDA device; offline tuning only, the launchers
+    never call it): ``{kernel: [(median ms, config), ...]}`` fastest first. A backward kernel is
+    timed through the whole backward with the other kernel at its default (the ranking is what
+    matters). Candidates that do not compile or fit (out of resources) are left out. Put the
+    winners in ``_TABLE`` and run ``tests/test_mha_compile.py`` (spills, shared memory)."""
+    from triton.testing import do_bench
+
+    candidates = candidates or TUNE_CANDIDATES
+    out, lse = mha_forward(p)
+    dout = torch.randn_like(out)
+    runs = {
+        "fwd": lambda c: mha_forward(p, c),
+        "bwd_dq": lambda c: mha_backward(p, out, lse, dout, None, dq_config=c),
+        "bwd_dkdv": lambda c: mha_backward(p, out, lse, dout, None, dkdv_config=c),
+    }
+    result: dict[str, list[tuple[float, MhaConfig]]] = {}
+    for kernel in kernels:
+        timed, run = [], runs[kernel]
+        for cfg in candidates[kernel]:
+            try:
+                timed.append((do_bench(lambda c=cfg, r=run: r(c), return_mode="median"), cfg))
+            except Exception:  # out of resources / compile failure: not a candidate
+                continue
+        result[kernel] = sorted(timed, key=lambda t: t[0])
+    return result

@@ -17,6 +17,7 @@ import torch
 
 from .. import api, testing
 from ..registry import REGISTRY, describe_device, use_backend
+from .overhead import dispatch_overhead_us
 from .shapes import SHAPES, Shape, cpu_shapes
 
 SDPA = "torch-sdpa"  # the peer for dense MHA prefill, timed in the same run
@@ -126,7 +127,13 @@ def _sdpa_call(shape: Shape, inputs: dict[str, Any]) -> Callable[[], Any]:
     b = inputs["cu_seqlens_qo"].shape[0] - 1
 
     def split(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().view(b, -1, *t.shape[1:]).transpose(1, 2).contiguous().requires_grad_(t.requires_grad)
+        return (
+            t.detach()
+            .view(b, -1, *t.shape[1:])
+            .transpose(1, 2)
+            .contiguous()
+            .requires_grad_(t.requires_grad)
+        )
 
     q, k, v = split(inputs["q"]), split(inputs["k"]), split(inputs["v"])
     kw = dict(is_causal=inputs["causal"], scale=inputs["softmax_scale"])
@@ -143,8 +150,12 @@ def _sdpa_call(shape: Shape, inputs: dict[str, Any]) -> Callable[[], Any]:
 
 
 def _check(shape: Shape, result: Any, ref: tuple[torch.Tensor, ...]) -> tuple[float, bool]:
-    names = {"decode": ("out", "lse"), "sparse_prefill": ("out", "max_logits", "lse")}.get(shape.op, ("out", "lse"))
-    tol_op = {"decode": "sparse_decode" if shape.params.get("topk") else "dense_decode"}.get(shape.op, shape.op)
+    names = {"decode": ("out", "lse"), "sparse_prefill": ("out", "max_logits", "lse")}.get(
+        shape.op, ("out", "lse")
+    )
+    tol_op = {"decode": "sparse_decode" if shape.params.get("topk") else "dense_decode"}.get(
+        shape.op, shape.op
+    )
     tolerances = testing.TOLERANCES.get(tol_op, testing.TOLERANCES["mha"])
     outputs = result if isinstance(result, tuple) else (result,)
     err, ok = 0.0, True
@@ -154,7 +165,13 @@ def _check(shape: Shape, result: Any, ref: tuple[torch.Tensor, ...]) -> tuple[fl
     return err, ok
 
 
-def bench_shape(shape: Shape, device: torch.device, backends: Sequence[str] | None, check: bool, report: Callable[[str], None]) -> list[Result]:
+def bench_shape(
+    shape: Shape,
+    device: torch.device,
+    backends: Sequence[str] | None,
+    check: bool,
+    report: Callable[[str], None],
+) -> list[Result]:
     inputs = shape.inputs(device)
     flop, nbytes = shape.work(inputs)
     ref_op = "mha_forward" if shape.op == "mha_train" else shape.op
@@ -235,6 +252,7 @@ def run(
         shapes = tuple(s for s in shapes if s.id in wanted)
     progress = _Progress(len(shapes))
     ceilings = machine_ceilings(dev)
+    overhead = dispatch_overhead_us(dev)
     results: list[Result] = []
     started = time.time()
     for shape in shapes:
@@ -248,11 +266,14 @@ def run(
     progress.done()
     report = {
         "device": describe_device(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "versions": software_versions(),
         "ceilings": ceilings,
+        "dispatch_overhead_us": overhead,
         "scaled_down": dev.type != "cuda",
         "seconds": round(time.time() - started, 1),
         "results": [asdict(r) for r in results],
@@ -267,11 +288,24 @@ def run(
 
 def print_table(report: dict[str, Any], out=sys.stdout) -> None:
     ceil = report["ceilings"]
-    print(f"\nflashmla bench on {report['device']}  ({report['date']}, {report['seconds']} s)", file=out)
+    print(
+        f"\nflashmla bench on {report['device']}  ({report['date']}, {report['seconds']} s)",
+        file=out,
+    )
     if ceil:
-        print(f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 GEMM {ceil['bf16_gemm_tflops']:.0f} TFLOP/s", file=out)
+        print(
+            f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 GEMM {ceil['bf16_gemm_tflops']:.0f} TFLOP/s",
+            file=out,
+        )
+    print(
+        f"python-side cost per decode call (validation + dispatch): {report['dispatch_overhead_us']:.1f} us",
+        file=out,
+    )
     if report["scaled_down"]:
-        print("no GPU: the reference backend on scaled-down shapes (times are not comparable)", file=out)
+        print(
+            "no GPU: the reference backend on scaled-down shapes (times are not comparable)",
+            file=out,
+        )
     head = f"{'shape':5} {'backend':10} {'time us':>9} {'TFLOP/s':>8} {'GB/s':>7} {'%copy':>6} {'vs best':>7} {'vs FlashMLA':>11} {'max err':>8} ok"
     print(head, file=out)
     print("-" * len(head), file=out)
@@ -303,7 +337,9 @@ class _Progress:
     def note(self, label: str) -> None:
         if self.tty:
             filled = int(30 * self.count / max(self.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total} {label:<24}")
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total} {label:<24}"
+            )
             sys.stderr.flush()
         else:
             print(f"  [{self.count}/{self.total}] {label}", file=sys.stderr, flush=True)

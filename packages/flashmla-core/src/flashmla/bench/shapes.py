@@ -28,12 +28,16 @@ class Shape:
     def inputs(self, device: torch.device, seed: int = 0) -> dict[str, Any]:
         p = dict(self.params)
         if self.op == "decode" and "topk" in p:
-            return testing.sparse_decode_inputs(device=device, seed=seed, poison=False, out_of_range=False, **p)
+            return testing.sparse_decode_inputs(
+                device=device, seed=seed, poison=False, out_of_range=False, **p
+            )
         if self.op == "decode":
             return testing.dense_decode_inputs(device=device, seed=seed, poison=False, **p)
         if self.op == "sparse_prefill":
             return testing.sparse_prefill_inputs(device=device, seed=seed, **p)
-        return testing.mha_inputs(device=device, seed=seed, requires_grad=self.op == "mha_train", **p)
+        return testing.mha_inputs(
+            device=device, seed=seed, requires_grad=self.op == "mha_train", **p
+        )
 
     def work(self, inputs: dict[str, Any]) -> tuple[float, float]:
         """(FLOP, bytes) of one call, by ``spec/performance.md``'s formulas."""
@@ -57,7 +61,9 @@ def _dense_decode_work(x: dict[str, Any]) -> tuple[float, float]:
 
 def _sparse_decode_work(x: dict[str, Any]) -> tuple[float, float]:
     b, s_q, h_q, d = x["q"].shape
-    attended = float(x["indices"].numel() if x.get("topk_length") is None else x["topk_length"].sum() * s_q)
+    attended = float(
+        x["indices"].numel() if x.get("topk_length") is None else x["topk_length"].sum() * s_q
+    )
     distinct = x["indices"].unique().numel()
     token_bytes = {656: 656, 584: 576}.get(x["k_cache"].shape[-1], 2 * d)
     flop = 2 * h_q * attended * (d + DV)
@@ -88,11 +94,15 @@ def _mha_work(x: dict[str, Any], backward: bool) -> tuple[float, float]:
 
 
 def _dense(b, h_q, s_k, s_q=1, varlen=False, **kw) -> dict[str, Any]:
-    return dict(b=b, s_q=s_q, h_q=h_q, s_k=s_k, varlen=varlen, causal=True, page_block_size=64, **kw)
+    return dict(
+        b=b, s_q=s_q, h_q=h_q, s_k=s_k, varlen=varlen, causal=True, page_block_size=64, **kw
+    )
 
 
 def _sparse(b, s_q, h_q, topk, s_k, **kw) -> dict[str, Any]:
-    return dict(b=b, s_q=s_q, h_q=h_q, topk=topk, s_k=s_k, cache_format="fp8_v32", varlen=False, **kw)
+    return dict(
+        b=b, s_q=s_q, h_q=h_q, topk=topk, s_k=s_k, cache_format="fp8_v32", varlen=False, **kw
+    )
 
 
 SHAPES: tuple[Shape, ...] = (

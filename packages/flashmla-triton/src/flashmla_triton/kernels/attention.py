@@ -47,10 +47,41 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def e4m3_to_float(raw, HW: tl.constexpr):
+    """e4m3 bytes to fp32: the hardware conversion where it exists (sm_89+), else bit
+    arithmetic (sign, 4-bit exponent with bias 7, 3-bit mantissa; 0x7F/0xFF are NaN)."""
+    if HW:
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    bits = raw.to(tl.uint32)
+    expo = (bits >> 3) & 0xF
+    mant = bits & 0x7
+    sign = (bits & 0x80) << 24
+    normal = (sign | ((expo + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
+    subnormal = (sign | 0x3F800000).to(tl.float32, bitcast=True) * mant.to(tl.float32) * 0.001953125
+    value = tl.where(expo == 0, subnormal, normal)
+    return tl.where((bits & 0x7F) == 0x7F, float("nan"), value)
+
+
+@triton.jit
+def _dequantize(
+    raw, scale, TILES: tl.constexpr, TILE: tl.constexpr, HW: tl.constexpr, UPCAST: tl.constexpr
+):
+    """``raw [N, TILES * TILE]`` e4m3 bytes times per-tile ``scale [N, TILES]``, as FlashMLA's
+    Hopper kernels compute it: ``bf16(fp8) * bf16(scale)`` in bf16 (exact for power-of-two
+    scales). The interpreter keeps fp32 (its bf16 arithmetic is wrong)."""
+    n: tl.constexpr = raw.shape[0]
+    values = e4m3_to_float(raw, HW).reshape(n, TILES, TILE)
+    if UPCAST:
+        return (values * scale.to(tl.bfloat16).to(tl.float32)[:, :, None]).reshape(n, TILES * TILE)
+    values = values.to(tl.bfloat16) * scale.to(tl.bfloat16)[:, :, None]
+    return values.reshape(n, TILES * TILE)
+
+
+@triton.jit
 def _load_keys(
     cache, page, row, valid, stride_page, stride_row, PAGE: tl.constexpr,
     FMT: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, UPCAST: tl.constexpr,
-    SINGLE_LOAD: tl.constexpr,
+    FP8_HW: tl.constexpr,
 ):  # fmt: skip
     """The key tile of ``BLOCK_N`` tokens as ``(K_nope^T [512, N], K_rope^T [64, N], V [N, 512])``.
 
@@ -59,20 +90,20 @@ def _load_keys(
     cols = tl.arange(0, D_NOPE)
     m2 = valid[:, None]
     if FMT == 0:
-        # Plain rows: K^T and V come from two loads of the same (cache-resident) rows so that
-        # each feeds one dot and Triton can pipeline both straight into shared memory.
+        # Plain rows: Triton pipelines the tile straight into shared memory (cp.async).
         base = cache + page.to(tl.int64) * stride_page + row.to(tl.int64) * stride_row
         v = tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0)
-        if SINGLE_LOAD:
-            k_t = tl.trans(v)
-        else:
-            k_t = tl.load(base[None, :] + cols[:, None], mask=valid[None, :], other=0.0)
+        k_t = tl.trans(v)  # one shared-memory tile serves both products
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
         rope_t = k_t  # placeholder when there is no RoPE part (d_qk = 512)
         if D_ROPE > 0:
-            rope_t = tl.load(base[None, :] + D_NOPE + tl.arange(0, D_ROPE)[:, None], mask=valid[None, :], other=0.0)
+            rope_t = tl.load(
+                base[None, :] + D_NOPE + tl.arange(0, D_ROPE)[:, None],
+                mask=valid[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 rope_t = rope_t.to(tl.float32)
         return k_t, rope_t, v
@@ -83,17 +114,12 @@ def _load_keys(
         raw = tl.load(base[:, None] + cols[None, :], mask=m2, other=0)
         scale_ptr = (base + 512).to(tl.pointer_type(tl.float32))
         scale = tl.load(scale_ptr[:, None] + tl.arange(0, 4)[None, :], mask=m2, other=0.0)
-        scale = scale.to(tl.bfloat16).to(tl.float32)  # Hopper kernels round the scale to bf16
-        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32).reshape(raw.shape[0], 4, 128)
-        nope = (nope * scale[:, :, None]).reshape(raw.shape[0], D_NOPE)
+        nope = _dequantize(raw, scale, 4, 128, FP8_HW, UPCAST)
         rope_ptr = (base + 528).to(tl.pointer_type(tl.bfloat16))
         k_rope = tl.load(rope_ptr[:, None] + rcols[None, :], mask=m2, other=0.0)
         if UPCAST:
-            k_nope = nope
             k_rope = k_rope.to(tl.float32)
-        else:
-            k_nope = nope.to(tl.bfloat16)
-        return tl.trans(k_nope), tl.trans(k_rope), k_nope
+        return tl.trans(nope), tl.trans(k_rope), nope
     else:
         # MODEL1: token records (448 e4m3 + 64 bf16) at page + row * 576, then the page's
         # 8-byte scale records (7 UE8M0 exponents, one per 64 values) at page + PAGE * 576 + row * 8.
@@ -103,14 +129,14 @@ def _load_keys(
         raw = tl.load(rec[:, None] + cols[None, :], mask=m2 & is_fp8, other=0)
         scale_rec = page_base + PAGE * 576 + row.to(tl.int64) * 8
         expo = tl.load(scale_rec[:, None] + tl.arange(0, 8)[None, :], mask=m2, other=127)
-        scale = tl.exp2(expo.to(tl.float32) - 127.0)
-        nope = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32).reshape(raw.shape[0], 8, 64)
-        nope = (nope * scale[:, :, None]).reshape(raw.shape[0], D_NOPE)
+        nope = _dequantize(raw, tl.exp2(expo.to(tl.float32) - 127.0), 8, 64, FP8_HW, UPCAST)
         rope_ptr = (rec + 448).to(tl.pointer_type(tl.bfloat16))
-        rope = tl.load(rope_ptr[:, None] + (cols[None, :] - 448), mask=m2 & (cols[None, :] >= 448), other=0.0)
-        k_nope = tl.where(is_fp8, nope, rope.to(tl.float32))
-        if not UPCAST:
-            k_nope = k_nope.to(tl.bfloat16)
+        rope = tl.load(
+            rope_ptr[:, None] + (cols[None, :] - 448), mask=m2 & (cols[None, :] >= 448), other=0.0
+        )
+        if UPCAST:
+            rope = rope.to(tl.float32)
+        k_nope = tl.where(is_fp8, nope, rope)
         k_t = tl.trans(k_nope)
         return k_t, k_t, k_nope  # no separate RoPE part: d_qk = 512
 
@@ -122,7 +148,7 @@ def _attend(
     slots, L, causal_base,
     SPARSE: tl.constexpr, FMT: tl.constexpr, CAUSAL: tl.constexpr,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr, SINGLE_LOAD: tl.constexpr, scale_log2,
+    NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr, FP8_HW: tl.constexpr, scale_log2,
 ):  # fmt: skip
     """Online softmax (base 2) over positions ``lo..hi`` of one token list; returns the state.
 
@@ -150,7 +176,20 @@ def _attend(
             valid = inside & (page >= 0) & (page < num_pages)
             page = tl.where(valid, page, 0)
             row = pos % PAGE
-        k_t, rope_t, v = _load_keys(cache, page, row, valid, stride_page, stride_row, PAGE, FMT, D_NOPE, D_ROPE, UPCAST, SINGLE_LOAD)
+        k_t, rope_t, v = _load_keys(
+            cache,
+            page,
+            row,
+            valid,
+            stride_page,
+            stride_row,
+            PAGE,
+            FMT,
+            D_NOPE,
+            D_ROPE,
+            UPCAST,
+            FP8_HW,
+        )
         s = tl.dot(q_nope, k_t)
         if D_ROPE > 0:
             s = tl.dot(q_rope, rope_t, s)
@@ -198,11 +237,19 @@ def _store_final(out, lse, max_logits, sink, r, t_row, head, row_ok, acc, m_i, l
     if UPCAST and out.dtype.element_ty == tl.bfloat16:
         o = round_to_bf16(o)
     out_rows = _i64(r) * stride_ob + t_row.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
-    tl.store(out + out_rows[:, None] + tl.arange(0, D_V)[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        out + out_rows[:, None] + tl.arange(0, D_V)[None, :],
+        o.to(out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     lse_rows = _i64(r) * stride_lb + t_row.to(tl.int64) * stride_lt + head.to(tl.int64) * stride_lh
     tl.store(lse + lse_rows, tl.where(empty, float("inf"), lse2 * 0.6931471805599453), mask=row_ok)
     if HAS_MAX_LOGITS:
-        tl.store(max_logits + lse_rows, tl.where(empty, float("-inf"), m_i * 0.6931471805599453), mask=row_ok)
+        tl.store(
+            max_logits + lse_rows,
+            tl.where(empty, float("-inf"), m_i * 0.6931471805599453),
+            mask=row_ok,
+        )
 
 
 @triton.jit
@@ -230,7 +277,7 @@ def mla_attention_kernel(
     HAS_SINK: tl.constexpr, HAS_MAX_LOGITS: tl.constexpr,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr,
-    SINGLE_LOAD: tl.constexpr,
+    FP8_HW: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)  # dense: KV head; sparse: query token t
@@ -267,13 +314,21 @@ def mla_attention_kernel(
 
     for r in range(begin_req, end_req + 1):
         # The request's queries.
-        q_rows = q + _i64(r) * stride_qb + t_row.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
-        q_nope = tl.load(q_rows[:, None] + tl.arange(0, D_NOPE)[None, :], mask=row_ok[:, None], other=0.0)
+        q_rows = (
+            q + _i64(r) * stride_qb + t_row.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+        )
+        q_nope = tl.load(
+            q_rows[:, None] + tl.arange(0, D_NOPE)[None, :], mask=row_ok[:, None], other=0.0
+        )
         if UPCAST:
             q_nope = q_nope.to(tl.float32)
         q_rope = q_nope
         if D_ROPE > 0:
-            q_rope = tl.load(q_rows[:, None] + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=row_ok[:, None], other=0.0)
+            q_rope = tl.load(
+                q_rows[:, None] + D_NOPE + tl.arange(0, D_ROPE)[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
             if UPCAST:
                 q_rope = q_rope.to(tl.float32)
         acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
@@ -291,7 +346,7 @@ def mla_attention_kernel(
                 acc, m_i, l_i, q_nope, q_rope, t_row, blk_lo * 64,
                 tl.minimum(tl.minimum(blk_hi, main_blocks) * 64, length),
                 cache, stride_page, stride_row, num_pages, PAGE, row_slots, length, 0,
-                True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, SINGLE_LOAD, scale_log2,
+                True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
             )  # fmt: skip
             if HAS_EXTRA:
                 length2 = list_len2
@@ -303,17 +358,27 @@ def mla_attention_kernel(
                 acc, m_i, l_i = _attend(
                     acc, m_i, l_i, q_nope, q_rope, t_row, lo2, hi2,
                     cache2, stride2_page, stride2_row, num_pages2, PAGE2, row_slots2, length2, 0,
-                    True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, SINGLE_LOAD, scale_log2,
+                    True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
                 )  # fmt: skip
         else:
             length = tl.minimum(tl.maximum(tl.load(seqlens + r), 0), list_len * PAGE)
             row_table = slots + _i64(r) * stride_sb
+            lo = blk_lo * 64
+            hi = tl.minimum(blk_hi * 64, length)
+            if CAUSAL:
+                # Tiles every query row sees in full need no causal mask; only the last
+                # (s_q - 1) tokens do, so they get a loop of their own.
+                lo_masked = tl.maximum(tl.minimum((length - s_q + 1) // BLOCK_N * BLOCK_N, hi), lo)
+                acc, m_i, l_i = _attend(
+                    acc, m_i, l_i, q_nope, q_rope, t_row, lo, lo_masked,
+                    cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, 0,
+                    False, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
+                )  # fmt: skip
+                lo = lo_masked
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q_nope, q_rope, t_row, blk_lo * 64,
-                tl.minimum(blk_hi * 64, length),
-                cache_h, stride_page, stride_row, num_pages, PAGE,
-                row_table, length, length - s_q,
-                False, FMT, CAUSAL, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, SINGLE_LOAD, scale_log2,
+                acc, m_i, l_i, q_nope, q_rope, t_row, lo, hi,
+                cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, length - s_q,
+                False, FMT, CAUSAL, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
             )  # fmt: skip
 
         # Epilogue: the whole request's result, or one piece of a split request.

@@ -29,11 +29,15 @@ def combine_kernel(
         rows = t.to(tl.int64) * stride_at + heads.to(tl.int64) * stride_ah
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         for j in range(begin, end):
-            m = tl.maximum(m, tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf")))
+            m = tl.maximum(
+                m, tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf"))
+            )
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.zeros([BLOCK_H], tl.float32)
         for j in range(begin, end):
-            total += tl.exp2(tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf")) - m_safe)
+            total += tl.exp2(
+                tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf")) - m_safe
+            )
         g = tl.where(total > 0, tl.log2(tl.where(total > 0, total, 1.0)) + m_safe, float("inf"))
         g_w = g
         if HAS_SINK:  # fold the sink into the normaliser, leaving lse itself untouched
@@ -47,11 +51,21 @@ def combine_kernel(
             lj = tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf"))
             w = tl.exp2(lj - g_w)
             w = tl.where(lj == float("-inf"), 0.0, w)
-            o = tl.load(o_acc + (_i64(j) * stride_ab + rows)[:, None] * D_V + cols[None, :], mask=ok[:, None], other=0.0)
+            o = tl.load(
+                o_acc + (_i64(j) * stride_ab + rows)[:, None] * D_V + cols[None, :],
+                mask=ok[:, None],
+                other=0.0,
+            )
             acc += w[:, None] * o
         if UPCAST and out.dtype.element_ty == tl.bfloat16:
             acc = round_to_bf16(acc)
-        out_rows = i.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
-        tl.store(out + out_rows[:, None] + cols[None, :], acc.to(out.dtype.element_ty), mask=ok[:, None])
-        lse_rows = i.to(tl.int64) * stride_lb + t.to(tl.int64) * stride_lt + heads.to(tl.int64) * stride_lh
+        out_rows = (
+            i.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
+        )
+        tl.store(
+            out + out_rows[:, None] + cols[None, :], acc.to(out.dtype.element_ty), mask=ok[:, None]
+        )
+        lse_rows = (
+            i.to(tl.int64) * stride_lb + t.to(tl.int64) * stride_lt + heads.to(tl.int64) * stride_lh
+        )
         tl.store(lse + lse_rows, g * 0.6931471805599453, mask=ok)

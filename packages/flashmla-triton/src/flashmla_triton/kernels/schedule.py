@@ -43,7 +43,18 @@ def schedule_kernel(
     for start in range(0, b, CHUNK):
         r = start + tl.arange(0, CHUNK)
         ok = r < b
-        n = _length(lengths, topk_len, extra_len, tl.where(ok, r, 0), topk, extra_topk, SPARSE, HAS_TOPK_LEN, HAS_EXTRA, HAS_EXTRA_LEN)
+        n = _length(
+            lengths,
+            topk_len,
+            extra_len,
+            tl.where(ok, r, 0),
+            topk,
+            extra_topk,
+            SPARSE,
+            HAS_TOPK_LEN,
+            HAS_EXTRA,
+            HAS_EXTRA_LEN,
+        )
         blocks = tl.maximum(n - 1, 0) // 64 + 1
         total += tl.sum(tl.where(ok, blocks + OVERHEAD, 0))
     payload = (total + num_parts - 1) // num_parts + OVERHEAD
@@ -61,7 +72,18 @@ def schedule_kernel(
         budget = payload
         going = req < b
         while going:
-            n_req = _length(lengths, topk_len, extra_len, req, topk, extra_topk, SPARSE, HAS_TOPK_LEN, HAS_EXTRA, HAS_EXTRA_LEN)
+            n_req = _length(
+                lengths,
+                topk_len,
+                extra_len,
+                req,
+                topk,
+                extra_topk,
+                SPARSE,
+                HAS_TOPK_LEN,
+                HAS_EXTRA,
+                HAS_EXTRA_LEN,
+            )
             blocks = tl.maximum(n_req - 1, 0) // 64 + 1
             need = blocks - blk + OVERHEAD
             if budget >= need:  # finish this request
@@ -89,9 +111,31 @@ def schedule_kernel(
                 end_blk = blk
             else:
                 end_req = req - 1
-                prev = _length(lengths, topk_len, extra_len, end_req, topk, extra_topk, SPARSE, HAS_TOPK_LEN, HAS_EXTRA, HAS_EXTRA_LEN)
+                prev = _length(
+                    lengths,
+                    topk_len,
+                    extra_len,
+                    end_req,
+                    topk,
+                    extra_topk,
+                    SPARSE,
+                    HAS_TOPK_LEN,
+                    HAS_EXTRA,
+                    HAS_EXTRA_LEN,
+                )
                 end_blk = tl.where(prev == 0, 0, tl.maximum(prev - 1, 0) // 64 + 1)
-            n_end = _length(lengths, topk_len, extra_len, end_req, topk, extra_topk, SPARSE, HAS_TOPK_LEN, HAS_EXTRA, HAS_EXTRA_LEN)
+            n_end = _length(
+                lengths,
+                topk_len,
+                extra_len,
+                end_req,
+                topk,
+                extra_topk,
+                SPARSE,
+                HAS_TOPK_LEN,
+                HAS_EXTRA,
+                HAS_EXTRA_LEN,
+            )
             first = begin_blk != 0
             last = (end_blk != tl.maximum(n_end - 1, 0) // 64 + 1) & (n_end != 0)
             if begin_req == end_req:
