@@ -38,6 +38,8 @@ class Config:
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 1  # persistent CTAs per SM (more when tiles are small)
+    trans: bool = False  # tokens as the MMA's M dimension (few query rows)
+    s_scratch: bool = False  # break the QK -> PV chain so warpgroups split Q K^T
 
 
 def target_cc(device: torch.device) -> tuple[int, int]:
@@ -158,6 +160,14 @@ def attention_launches(
     else:  # unused placeholders
         extra_args, extra_len, page2 = (cache_t, 0, 0, 1, slots, 0, 0, None, 1), None, 1
     d_nope, d_rope = _dims(fmt, d)
+    grid = (triton.cdiv(rows, cfg.block_m), axis1, parts)
+    s_scratch = None
+    if cfg.s_scratch:
+        s_scratch = torch.empty(
+            grid[0] * grid[1] * grid[2] * 2 * cfg.block_m * cfg.block_n,
+            dtype=q4.dtype,
+            device=q4.device,
+        )
     args = dict(zip(mla_attention_kernel.arg_names, (
         q4, q4.stride(0), q4.stride(1), q4.stride(2),
         out4, out4.stride(0), out4.stride(1), out4.stride(2),
@@ -167,6 +177,7 @@ def attention_launches(
         slots, *slot_strides, lengths, list_len,
         *extra_args, sink,
         schedule.metadata if persistent else None, schedule.num_splits if persistent else None,
+        s_scratch,
         s_q, group, rows, scale * LOG2E,
     )))  # fmt: skip
     constexprs = dict(
@@ -175,9 +186,8 @@ def attention_launches(
         HAS_LENGTHS2=extra_len is not None, HAS_SINK=sink is not None,
         HAS_MAX_LOGITS=max_logits is not None, D_NOPE=d_nope, D_ROPE=d_rope, D_V=512,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, UPCAST=INTERPRET,
-        FP8_HW=_fp8_hardware(q4.device),
+        FP8_HW=_fp8_hardware(q4.device), TRANS=cfg.trans, S_SCRATCH=cfg.s_scratch,
     )  # fmt: skip
-    grid = (triton.cdiv(rows, cfg.block_m), axis1, parts)
     launches = [
         Launch(
             mla_attention_kernel,

@@ -149,8 +149,15 @@ def _attend(
     SPARSE: tl.constexpr, FMT: tl.constexpr, CAUSAL: tl.constexpr,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr, FP8_HW: tl.constexpr, scale_log2,
+    TRANS: tl.constexpr, S_SCRATCH: tl.constexpr, s_buf,
 ):  # fmt: skip
     """Online softmax (base 2) over positions ``lo..hi`` of one token list; returns the state.
+
+    ``TRANS`` computes the transposed problem (``S^T = K Q^T``, ``O^T += V^T P^T``) so that
+    tokens, not query rows, are the MMA's M dimension: with few query rows (h_q = 16) this
+    still gets Hopper's warpgroup MMA. ``S_SCRATCH`` passes P through a small global buffer so
+    that Triton does not see the two products as chained (which makes it compute Q K^T in both
+    warpgroups) and splits the scores' columns between warpgroups instead.
 
     Dense: position j is logical token j, found through the block-table row ``slots``; it exists
     when ``j < L`` and its page id is in range. Sparse: position p holds a flat slot
@@ -190,23 +197,67 @@ def _attend(
             UPCAST,
             FP8_HW,
         )
-        s = tl.dot(q_nope, k_t)
-        if D_ROPE > 0:
-            s = tl.dot(q_rope, rope_t, s)
-        s = s * scale_log2
-        sees = valid[None, :]
-        if CAUSAL:  # bottom-right: query token t sees j <= L - s_q + t
-            sees = sees & (pos[None, :] <= causal_base + t_row[:, None])
-        s = tl.where(sees, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        if TRANS:  # q_nope is Q^T [512, M], acc is O^T [512, M]
+            s = tl.dot(v, q_nope)
+            if D_ROPE > 0:
+                s = tl.dot(tl.trans(rope_t), q_rope, s)
+            s = s * scale_log2
+            sees = valid[:, None]
+            if CAUSAL:  # bottom-right: query token t sees j <= L - s_q + t
+                sees = sees & (pos[:, None] <= causal_base + t_row[None, :])
+            s = tl.where(sees, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :]
+            acc = tl.dot(k_t, p.to(v.dtype), acc)
+        else:
+            s = tl.dot(q_nope, k_t)
+            if D_ROPE > 0:
+                s = tl.dot(q_rope, rope_t, s)
+            if S_SCRATCH:  # double-buffered by iteration parity; one barrier per iteration
+                buf = s_buf + ((start // BLOCK_N) % 2) * (s.shape[0] * BLOCK_N)
+                tile = tl.arange(0, s.shape[0])[:, None] * BLOCK_N + offs[None, :]
+                tl.store(buf + tile, s)
+                tl.debug_barrier()
+                s = tl.load(buf + tile)
+            s = s * scale_log2
+            sees = valid[None, :]
+            if CAUSAL:  # bottom-right: query token t sees j <= L - s_q + t
+                sees = sees & (pos[None, :] <= causal_base + t_row[:, None])
+            s = tl.where(sees, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _load_rows(
+    q_rows,
+    row_ok,
+    start: tl.constexpr,
+    width: tl.constexpr,
+    TRANS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Columns ``start .. start + width`` of the queries: ``[M, width]``, or ``[width, M]``
+    when ``TRANS``."""
+    cols = start + tl.arange(0, width)
+    if TRANS:
+        x = tl.load(q_rows[None, :] + cols[:, None], mask=row_ok[None, :], other=0.0)
+    else:
+        x = tl.load(q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -267,8 +318,8 @@ def mla_attention_kernel(
     cache2, stride2_page, stride2_row, num_pages2,
     slots2, stride2_sb, stride2_st, seqlens2, list_len2,
     sink,
-    # schedule
-    metadata, num_splits,
+    # schedule, and per-program scratch for P (S_SCRATCH)
+    metadata, num_splits, s_scratch,
     # sizes
     s_q, group, rows_per_group, scale_log2,
     PAGE: tl.constexpr, PAGE2: tl.constexpr,
@@ -277,7 +328,7 @@ def mla_attention_kernel(
     HAS_SINK: tl.constexpr, HAS_MAX_LOGITS: tl.constexpr,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr,
-    FP8_HW: tl.constexpr,
+    FP8_HW: tl.constexpr, TRANS: tl.constexpr, S_SCRATCH: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)  # dense: KV head; sparse: query token t
@@ -294,6 +345,10 @@ def mla_attention_kernel(
         head = pid_g * group + rows % group
         cache_h = cache + pid_g.to(tl.int64) * stride_head
     BIG: tl.constexpr = 1 << 24
+    s_buf = s_scratch
+    if S_SCRATCH:
+        pid = (part * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_m
+        s_buf = s_scratch + pid.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
     if PERSISTENT:
         row_md = metadata + part * 8
         begin_req = tl.load(row_md)
@@ -317,21 +372,14 @@ def mla_attention_kernel(
         q_rows = (
             q + _i64(r) * stride_qb + t_row.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
         )
-        q_nope = tl.load(
-            q_rows[:, None] + tl.arange(0, D_NOPE)[None, :], mask=row_ok[:, None], other=0.0
-        )
-        if UPCAST:
-            q_nope = q_nope.to(tl.float32)
+        q_nope = _load_rows(q_rows, row_ok, 0, D_NOPE, TRANS, UPCAST)
         q_rope = q_nope
         if D_ROPE > 0:
-            q_rope = tl.load(
-                q_rows[:, None] + D_NOPE + tl.arange(0, D_ROPE)[None, :],
-                mask=row_ok[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                q_rope = q_rope.to(tl.float32)
-        acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
+            q_rope = _load_rows(q_rows, row_ok, D_NOPE, D_ROPE, TRANS, UPCAST)
+        if TRANS:
+            acc = tl.zeros([D_V, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         blk_lo = tl.where(r == begin_req, begin_blk, 0)
@@ -347,6 +395,7 @@ def mla_attention_kernel(
                 tl.minimum(tl.minimum(blk_hi, main_blocks) * 64, length),
                 cache, stride_page, stride_row, num_pages, PAGE, row_slots, length, 0,
                 True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
+                TRANS, S_SCRATCH, s_buf,
             )  # fmt: skip
             if HAS_EXTRA:
                 length2 = list_len2
@@ -359,6 +408,7 @@ def mla_attention_kernel(
                     acc, m_i, l_i, q_nope, q_rope, t_row, lo2, hi2,
                     cache2, stride2_page, stride2_row, num_pages2, PAGE2, row_slots2, length2, 0,
                     True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
+                    TRANS, S_SCRATCH, s_buf,
                 )  # fmt: skip
         else:
             length = tl.minimum(tl.maximum(tl.load(seqlens + r), 0), list_len * PAGE)
@@ -373,15 +423,19 @@ def mla_attention_kernel(
                     acc, m_i, l_i, q_nope, q_rope, t_row, lo, lo_masked,
                     cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, 0,
                     False, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
+                    TRANS, S_SCRATCH, s_buf,
                 )  # fmt: skip
                 lo = lo_masked
             acc, m_i, l_i = _attend(
                 acc, m_i, l_i, q_nope, q_rope, t_row, lo, hi,
                 cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, length - s_q,
                 False, FMT, CAUSAL, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
+                TRANS, S_SCRATCH, s_buf,
             )  # fmt: skip
 
         # Epilogue: the whole request's result, or one piece of a split request.
+        if TRANS:
+            acc = tl.trans(acc)
         if PERSISTENT:
             split = ((r == begin_req) & (first_split != 0)) | ((r == end_req) & (last_split != 0))
             if split:

@@ -47,23 +47,6 @@ def _load_rows(base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.c
     return x
 
 
-@triton.jit
-def _trans(x, base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.constexpr,
-           UPCAST: tl.constexpr):  # fmt: skip
-    """``x^T`` for ``x = _load_rows(base, ...)``. The interpreter (UPCAST) multiplies transposed
-    numpy views up to ~100x slower than fresh arrays, so there the tile is re-loaded transposed;
-    compiled code just transposes (a shared-memory view for the tensor cores)."""
-    if UPCAST:
-        ptrs = base + offs_row[None, :] * stride_row + tl.arange(0, D)[:, None]
-        if MASKED:
-            x_t = tl.load(ptrs, mask=row_ok[None, :], other=0.0).to(tl.float32)
-        else:
-            x_t = tl.load(ptrs).to(tl.float32)
-    else:
-        x_t = tl.trans(x)
-    return x_t
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -82,10 +65,10 @@ def _fwd_inner(
         col_ok = cols < L_k
         k_row = k_base + tl.cast(start_n, tl.int64) * stride_kt
         k_a = _load_rows(k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST)
-        qk = tl.dot(q_a, _trans(k_a, k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST))
+        qk = tl.dot(q_a, tl.trans(k_a))
         if D_B > 0:
             k_b = _load_rows(k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
-            k_bt = _trans(k_b, k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
+            k_bt = tl.trans(k_b)
             qk = tl.dot(q_b, k_bt, qk)
         if MASKED:
             keep = col_ok[None, :]
@@ -203,10 +186,10 @@ def _dq_inner(
         col_ok = cols < L_k
         k_row = k_base + tl.cast(start_n, tl.int64) * stride_kt
         k_a = _load_rows(k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST)
-        s = tl.dot(q_a, _trans(k_a, k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST))
+        s = tl.dot(q_a, tl.trans(k_a))
         if D_B > 0:
             k_b = _load_rows(k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
-            k_bt = _trans(k_b, k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
+            k_bt = tl.trans(k_b)
             s = tl.dot(q_b, k_bt, s)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
@@ -216,7 +199,7 @@ def _dq_inner(
             p = tl.where(keep, p, 0.0)
         v_row = v_base + tl.cast(start_n, tl.int64) * stride_vt
         v = _load_rows(v_row, offs_n, col_ok, stride_vt, D_V, MASKED, UPCAST)
-        dp = tl.dot(do, _trans(v, v_row, offs_n, col_ok, stride_vt, D_V, MASKED, UPCAST))
+        dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(k_a.dtype)
         dq_a = tl.dot(ds, k_a, dq_a)
         if D_B > 0:
@@ -323,10 +306,10 @@ def _dkdv_inner(
         q_row = q_base + tl.cast(start_m, tl.int64) * stride_qt
         # row masks only (cheap, per row): rows past L_q read zeros and lse = +inf, so P = 0
         q_a = _load_rows(q_row, offs_r, row_ok, stride_qt, D_A, True, UPCAST)
-        s_t = tl.dot(k_a, _trans(q_a, q_row, offs_r, row_ok, stride_qt, D_A, True, UPCAST))
+        s_t = tl.dot(k_a, tl.trans(q_a))
         if D_B > 0:
             q_b = _load_rows(q_row + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
-            q_bt = _trans(q_b, q_row + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
+            q_bt = tl.trans(q_b)
             s_t = tl.dot(k_b, q_bt, s_t)
         lse = tl.load(lse_base + rows.to(tl.int64) * stride_lt, mask=row_ok, other=float("inf"))
         p_t = tl.math.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
@@ -335,7 +318,7 @@ def _dkdv_inner(
         do_row = do_base + tl.cast(start_m, tl.int64) * stride_dot
         do = _load_rows(do_row, offs_r, row_ok, stride_dot, D_V, True, UPCAST)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, _trans(do, do_row, offs_r, row_ok, stride_dot, D_V, True, UPCAST))
+        dp_t = tl.dot(v, tl.trans(do))
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
         dk_a = tl.dot(ds_t, q_a, dk_a)
