@@ -16,7 +16,7 @@ nox.options.reuse_existing_virtualenvs = True
 PYTHON = "3.11"
 TORCH = os.environ.get("FLASHMLA_TORCH", "torch==2.13.0")  # the CPU build on CI machines
 CORE = ("-e", "packages/flashmla-core", "-e", "packages/flashmla-ref")
-TEST_DEPS = ("pytest>=8", "hypothesis>=6.100")
+TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy")
 CORE_TESTS = ("packages/flashmla-core/tests", "packages/flashmla-ref/tests")
 
 
@@ -34,7 +34,10 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-TRITON = ("triton==3.6.0", "numpy<2.4")  # the GPU machine's Triton; its interpreter needs numpy < 2.4
+TRITON = (
+    "triton==3.6.0",
+    "numpy<2.4",
+)  # the GPU machine's Triton; its interpreter needs numpy < 2.4
 
 
 @nox.session(name="test-ref", python=PYTHON)
@@ -55,5 +58,19 @@ def test_triton(session: nox.Session) -> None:
     HGMMA)."""
     _install(session, *TRITON, "-e", "packages/flashmla-triton")
     interpret = {"TRITON_INTERPRET": "1"}
-    session.run("pytest", "tests", "packages/flashmla-triton/tests", "-k", "triton or not parity", env=interpret)
-    session.run("pytest", "packages/flashmla-triton/tests", "-k", "compile", "-s", env={"TRITON_INTERPRET": "0"})
+    session.run(
+        "pytest",
+        "tests",
+        "packages/flashmla-triton/tests",
+        "-k",
+        "triton or not parity",
+        env=interpret,
+    )
+    session.run(
+        "pytest",
+        "packages/flashmla-triton/tests",
+        "-k",
+        "compile",
+        "-s",
+        env={"TRITON_INTERPRET": "0"},
+    )
