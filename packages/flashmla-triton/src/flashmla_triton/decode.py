@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashmla.formats import CacheFormat
 from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, SparsePrefillProblem
@@ -39,7 +40,7 @@ class Config:
     num_stages: int
     ctas_per_sm: int = 1  # persistent CTAs per SM (more when tiles are small)
     trans: bool = False  # tokens as the MMA's M dimension (few query rows)
-    s_scratch: bool = False  # break the QK -> PV chain so warpgroups split Q K^T
+    tma: bool = False  # bulk tensor copies for whole tiles of plain, page-contiguous caches
 
 
 def target_cc(device: torch.device) -> tuple[int, int]:
@@ -120,6 +121,21 @@ def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple:
     return cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.shape[0]
 
 
+def _tma_ok(cache: Tensor, fmt: CacheFormat, page: int, block_n: int, sparse: bool) -> bool:
+    """Bulk copies need a plain cache whose pages follow each other in memory (so the cache is
+    one 2-D row-major matrix of tokens), 16-byte aligned, tiles within pages, and Hopper+."""
+    return (
+        not sparse
+        and not fmt.is_fp8
+        and page % block_n == 0
+        and cache.stride(0) == page * cache.stride(1)
+        and cache.stride(2) == cache.shape[3]
+        and cache.data_ptr() % 16 == 0
+        and (cache.stride(1) * cache.element_size()) % 16 == 0
+        and (INTERPRET or target_cc(cache.device) >= (9, 0))
+    )
+
+
 def _fp8_hardware(device: torch.device) -> bool:
     """Whether to convert e4m3 in hardware (compute capability 8.9 and newer). The interpreter
     runs the bit-arithmetic path, the one older GPUs use."""
@@ -161,23 +177,21 @@ def attention_launches(
         extra_args, extra_len, page2 = (cache_t, 0, 0, 1, slots, 0, 0, None, 1), None, 1
     d_nope, d_rope = _dims(fmt, d)
     grid = (triton.cdiv(rows, cfg.block_m), axis1, parts)
-    s_scratch = None
-    if cfg.s_scratch:
-        s_scratch = torch.empty(
-            grid[0] * grid[1] * grid[2] * 2 * cfg.block_m * cfg.block_n,
-            dtype=q4.dtype,
-            device=q4.device,
-        )
+    use_tma = cfg.tma and _tma_ok(cache, fmt, page, cfg.block_n, sparse)
+    k_desc = r_desc = None
+    if use_tma:
+        view = cache.as_strided((pages * page, cache.shape[2] * cache.shape[3]), (sr, 1))
+        k_desc = TensorDescriptor(view, list(view.shape), [sr, 1], [cfg.block_n, d_nope])
+        r_desc = TensorDescriptor(view, list(view.shape), [sr, 1], [cfg.block_n, d_rope])
     args = dict(zip(mla_attention_kernel.arg_names, (
         q4, q4.stride(0), q4.stride(1), q4.stride(2),
         out4, out4.stride(0), out4.stride(1), out4.stride(2),
         lse, *lse_strides, max_logits,
         o_acc, lse_acc, s_q * h_q, h_q, 1,
-        cache_t, sp, sr, sh, pages,
+        cache_t, sp, sr, sh, pages, k_desc, r_desc,
         slots, *slot_strides, lengths, list_len,
         *extra_args, sink,
         schedule.metadata if persistent else None, schedule.num_splits if persistent else None,
-        s_scratch,
         s_q, group, rows, scale * LOG2E,
     )))  # fmt: skip
     constexprs = dict(
@@ -186,7 +200,8 @@ def attention_launches(
         HAS_LENGTHS2=extra_len is not None, HAS_SINK=sink is not None,
         HAS_MAX_LOGITS=max_logits is not None, D_NOPE=d_nope, D_ROPE=d_rope, D_V=512,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, UPCAST=INTERPRET,
-        FP8_HW=_fp8_hardware(q4.device), TRANS=cfg.trans, S_SCRATCH=cfg.s_scratch,
+        FP8_HW=_fp8_hardware(q4.device), TRANS=cfg.trans,
+        USE_TMA=use_tma,
     )  # fmt: skip
     launches = [
         Launch(

@@ -12,13 +12,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import triton
-
-_DTYPES = {
-    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-    torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv",
-}  # fmt: skip
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
 
 
 @dataclass
@@ -37,28 +33,20 @@ class Launch:
             )
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
-        """Types, constants and attributes exactly as Triton's launcher specializes them:
-        ints equal to 1 become constants, ints and pointers divisible by 16 are marked so."""
+        """Types, constants and attributes exactly as Triton's launcher specializes them
+        (ints equal to 1 become constants; ints and pointers divisible by 16 are marked)."""
         sig, const, attrs = {}, {}, {}
-        aligned = [["tt.divisibility", 16]]
         for i, name in enumerate(self.kernel.arg_names):
             value = self.args[name]
-            if name in self.constexprs or value is None or (type(value) is int and value == 1):
+            if name in self.constexprs:
                 sig[name], const[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                sig[name] = "*" + _DTYPES[value.dtype]
-                if value.data_ptr() % 16 == 0:
-                    attrs[(i,)] = aligned
-            elif isinstance(value, bool):
-                sig[name] = "i1"
-            elif isinstance(value, int):
-                sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
-                    attrs[(i,)] = aligned
-            elif isinstance(value, float):
-                sig[name] = "fp32"
-            else:
-                raise TypeError(f"{name}: cannot type {type(value).__name__}")
+                continue
+            ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+            sig[name] = ty
+            if ty == "constexpr":
+                const[name] = value
+            elif key == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
         return sig, const, attrs
 
     def compile(self, cc: int) -> Any:

@@ -122,7 +122,44 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def mha_forward(p: MhaProblem, config: MhaConfig | None = None) -> tuple[Tensor, Tensor]:
+def _use_tma(p: MhaProblem, tma: bool | None, *tensors: Tensor) -> bool:
+    """TMA (device-side tensor descriptors, one per sequence) on sm_90+, when the hardware's
+    alignment rules hold for every tile source: 16-byte aligned base, row and head strides."""
+    if tma is not None:
+        return tma
+    if _arch_of(p.q.device) == "sm80":
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and all(t.stride(i) * t.element_size() % 16 == 0 for i in (0, 1))
+        for t in tensors
+    )
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _set_allocator(tma: bool) -> None:
+    """Device-side descriptors live in a global scratch buffer that Triton's launcher requests
+    from the context's allocator (a ContextVar: autograd's backward thread has its own, so this
+    runs before every launch). A user's allocator, if any, is kept."""
+    if not tma or INTERPRET:
+        return
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # private module moved: set ours unconditionally
+        pass
+    triton.set_allocator(_scratch)
+
+
+def mha_forward(
+    p: MhaProblem, config: MhaConfig | None = None, tma: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """``out`` (q's dtype) and ``lse`` (float32, natural log, stride ``(1, total_q)``).
+    ``config`` / ``tma`` override the automatic choices (tests, tuning)."""
     q, k, v = p.q, p.k, p.v
     _, h_q, d_qk = q.shape
     h_kv, d_v = k.shape[1], v.shape[2]
@@ -132,14 +169,16 @@ def mha_forward(p: MhaProblem, config: MhaConfig | None = None) -> tuple[Tensor,
     grid = (triton.cdiv(p.max_seqlen_q, cfg.block_m), h_q, p.batch)
     if 0 in grid or out.numel() == 0:
         return out, lse
+    tma = _use_tma(p, tma, k, v)
+    _set_allocator(tma)
     _k.mha_fwd_kernel[grid](
         q, k, v, out, lse, p.cu_seqlens_q, p.cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         p.softmax_scale * _k.LOG2E.value,
         GROUP=h_q // h_kv, CAUSAL=p.causal, SCALE_NEG=p.softmax_scale < 0,
-        D_A=d_a, D_B=d_b, D_V=d_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=INTERPRET,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D_A=d_a, D_B=d_b, D_V=d_v, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
+        UPCAST=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -147,8 +186,10 @@ def mha_forward(p: MhaProblem, config: MhaConfig | None = None) -> tuple[Tensor,
 def mha_backward(
     p: MhaProblem, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
     dq_config: MhaConfig | None = None, dkdv_config: MhaConfig | None = None,
+    tma: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of q, k, v (in q's dtype) given ``dout`` and, optionally, ``dlse``."""
+    """Gradients of q, k, v (in q's dtype) given ``dout`` and, optionally, ``dlse``.
+    ``*_config`` / ``tma`` override the automatic choices (tests, tuning)."""
     q, k, v = p.q, p.k, p.v
     total_q, h_q, d_qk = q.shape
     total_k, h_kv, _ = k.shape
@@ -162,6 +203,8 @@ def mha_backward(
     lse = lse.float()
     dlse = dlse.float() if dlse is not None else None
     delta = torch.empty((h_q, total_q), dtype=torch.float32, device=q.device)
+    tma_kv, tma_q = _use_tma(p, tma, k, v), _use_tma(p, tma, q, dout)
+    _set_allocator(tma_kv or tma_q)
     scale = p.softmax_scale
     common: dict[str, Any] = dict(
         GROUP=h_q // h_kv, CAUSAL=p.causal, D_A=d_a, D_B=d_b, D_V=d_v, UPCAST=INTERPRET
@@ -179,7 +222,7 @@ def mha_backward(
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
             lse.stride(0), lse.stride(1), dl.stride(0), dl.stride(1), delta.stride(0),
             dq.stride(0), dq.stride(1),
-            scale, scale * _k.LOG2E.value, HAS_DLSE=dlse is not None, **common,
+            scale, scale * _k.LOG2E.value, HAS_DLSE=dlse is not None, TMA=tma_kv, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -195,7 +238,7 @@ def mha_backward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), lse.stride(0), lse.stride(1), delta.stride(0),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            scale, scale * _k.LOG2E.value, **common,
+            scale, scale * _k.LOG2E.value, TMA=tma_q, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -206,23 +249,18 @@ def aot_source_args(
     arch: str, kernel: str, d_qk: int, d_v: int, causal: bool, dtype: str = "bf16", group: int = 1
 ) -> tuple[Any, dict[str, str], dict[str, Any], dict]:
     """``(fn, signature, constexprs, attrs)`` for ``triton.compiler.ASTSource``: the kernel as
-    :func:`mha_forward` / :func:`mha_backward` launch it for contiguous inputs (pointers and
-    strides divisible by 16, lse's unit stride specialised, as Triton's JIT does)."""
+    :func:`mha_forward` / :func:`mha_backward` launch it on ``arch`` for contiguous inputs
+    (pointers and strides divisible by 16, lse's unit stride specialised, as Triton's JIT does;
+    TMA on sm90/sm100)."""
     cfg = _CONFIGS[arch, kernel, d_qk, d_v, causal]
     d_a, d_b = _split(d_qk)
     fn = {"fwd": _k.mha_fwd_kernel, "bwd_dq": _k.mha_bwd_dq_kernel,
           "bwd_dkdv": _k.mha_bwd_dkdv_kernel}[kernel]  # fmt: skip
     constexprs: dict[str, Any] = dict(
-        GROUP=group,
-        CAUSAL=causal,
-        D_A=d_a,
-        D_B=d_b,
-        D_V=d_v,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        UPCAST=False,
-        stride_lt=1,
-    )
+        GROUP=group, CAUSAL=causal, D_A=d_a, D_B=d_b, D_V=d_v, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, UPCAST=False, stride_lt=1,
+    )  # fmt: skip
+    constexprs["TMA"] = arch != "sm80"
     if kernel == "fwd":
         constexprs["SCALE_NEG"] = False
     if kernel == "bwd_dq":

@@ -149,15 +149,14 @@ def _attend(
     SPARSE: tl.constexpr, FMT: tl.constexpr, CAUSAL: tl.constexpr,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr, FP8_HW: tl.constexpr, scale_log2,
-    TRANS: tl.constexpr, S_SCRATCH: tl.constexpr, s_buf,
+    TRANS: tl.constexpr,
+    USE_TMA: tl.constexpr = False, k_desc=None, r_desc=None, col=0,
 ):  # fmt: skip
     """Online softmax (base 2) over positions ``lo..hi`` of one token list; returns the state.
 
     ``TRANS`` computes the transposed problem (``S^T = K Q^T``, ``O^T += V^T P^T``) so that
     tokens, not query rows, are the MMA's M dimension: with few query rows (h_q = 16) this
-    still gets Hopper's warpgroup MMA. ``S_SCRATCH`` passes P through a small global buffer so
-    that Triton does not see the two products as chained (which makes it compute Q K^T in both
-    warpgroups) and splits the scores' columns between warpgroups instead.
+    still gets Hopper's warpgroup MMA.
 
     Dense: position j is logical token j, found through the block-table row ``slots``; it exists
     when ``j < L`` and its page id is in range. Sparse: position p holds a flat slot
@@ -183,20 +182,22 @@ def _attend(
             valid = inside & (page >= 0) & (page < num_pages)
             page = tl.where(valid, page, 0)
             row = pos % PAGE
-        k_t, rope_t, v = _load_keys(
-            cache,
-            page,
-            row,
-            valid,
-            stride_page,
-            stride_row,
-            PAGE,
-            FMT,
-            D_NOPE,
-            D_ROPE,
-            UPCAST,
-            FP8_HW,
-        )
+        if USE_TMA:
+            # Bulk tensor copies of whole rows of one page; an invalid page reads past the
+            # end of the cache view, which the copy engine fills with zeros.
+            row0 = tl.where(page_ok, page, num_pages) * PAGE + start % PAGE
+            v = k_desc.load([row0, col])
+            k_rope = r_desc.load([row0, col + D_NOPE])
+            if UPCAST:
+                v = v.to(tl.float32)
+                k_rope = k_rope.to(tl.float32)
+            k_t = tl.trans(v)
+            rope_t = tl.trans(k_rope)
+        else:
+            k_t, rope_t, v = _load_keys(
+                cache, page, row, valid, stride_page, stride_row, PAGE, FMT, D_NOPE, D_ROPE,
+                UPCAST, FP8_HW,
+            )  # fmt: skip
         if TRANS:  # q_nope is Q^T [512, M], acc is O^T [512, M]
             s = tl.dot(v, q_nope)
             if D_ROPE > 0:
@@ -217,12 +218,6 @@ def _attend(
             s = tl.dot(q_nope, k_t)
             if D_ROPE > 0:
                 s = tl.dot(q_rope, rope_t, s)
-            if S_SCRATCH:  # double-buffered by iteration parity; one barrier per iteration
-                buf = s_buf + ((start // BLOCK_N) % 2) * (s.shape[0] * BLOCK_N)
-                tile = tl.arange(0, s.shape[0])[:, None] * BLOCK_N + offs[None, :]
-                tl.store(buf + tile, s)
-                tl.debug_barrier()
-                s = tl.load(buf + tile)
             s = s * scale_log2
             sees = valid[None, :]
             if CAUSAL:  # bottom-right: query token t sees j <= L - s_q + t
@@ -312,14 +307,14 @@ def mla_attention_kernel(
     max_logits,
     o_acc, lse_acc, stride_ab, stride_at, stride_ah,
     # the cache and its token list (block table or indices)
-    cache, stride_page, stride_row, stride_head, num_pages,
+    cache, stride_page, stride_row, stride_head, num_pages, k_desc, r_desc,
     slots, stride_sb, stride_st, seqlens, list_len,
     # optional extra cache (sparse)
     cache2, stride2_page, stride2_row, num_pages2,
     slots2, stride2_sb, stride2_st, seqlens2, list_len2,
     sink,
-    # schedule, and per-program scratch for P (S_SCRATCH)
-    metadata, num_splits, s_scratch,
+    # schedule
+    metadata, num_splits,
     # sizes
     s_q, group, rows_per_group, scale_log2,
     PAGE: tl.constexpr, PAGE2: tl.constexpr,
@@ -328,7 +323,7 @@ def mla_attention_kernel(
     HAS_SINK: tl.constexpr, HAS_MAX_LOGITS: tl.constexpr,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr,
-    FP8_HW: tl.constexpr, TRANS: tl.constexpr, S_SCRATCH: tl.constexpr,
+    FP8_HW: tl.constexpr, TRANS: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)  # dense: KV head; sparse: query token t
@@ -345,10 +340,6 @@ def mla_attention_kernel(
         head = pid_g * group + rows % group
         cache_h = cache + pid_g.to(tl.int64) * stride_head
     BIG: tl.constexpr = 1 << 24
-    s_buf = s_scratch
-    if S_SCRATCH:
-        pid = (part * tl.num_programs(1) + pid_g) * tl.num_programs(0) + pid_m
-        s_buf = s_scratch + pid.to(tl.int64) * (2 * BLOCK_M * BLOCK_N)
     if PERSISTENT:
         row_md = metadata + part * 8
         begin_req = tl.load(row_md)
@@ -395,7 +386,7 @@ def mla_attention_kernel(
                 tl.minimum(tl.minimum(blk_hi, main_blocks) * 64, length),
                 cache, stride_page, stride_row, num_pages, PAGE, row_slots, length, 0,
                 True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
-                TRANS, S_SCRATCH, s_buf,
+                TRANS,
             )  # fmt: skip
             if HAS_EXTRA:
                 length2 = list_len2
@@ -408,29 +399,29 @@ def mla_attention_kernel(
                     acc, m_i, l_i, q_nope, q_rope, t_row, lo2, hi2,
                     cache2, stride2_page, stride2_row, num_pages2, PAGE2, row_slots2, length2, 0,
                     True, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
-                    TRANS, S_SCRATCH, s_buf,
+                    TRANS,
                 )  # fmt: skip
         else:
             length = tl.minimum(tl.maximum(tl.load(seqlens + r), 0), list_len * PAGE)
             row_table = slots + _i64(r) * stride_sb
             lo = blk_lo * 64
             hi = tl.minimum(blk_hi * 64, length)
-            if CAUSAL:
-                # Tiles every query row sees in full need no causal mask; only the last
-                # (s_q - 1) tokens do, so they get a loop of their own.
-                lo_masked = tl.maximum(tl.minimum((length - s_q + 1) // BLOCK_N * BLOCK_N, hi), lo)
-                acc, m_i, l_i = _attend(
-                    acc, m_i, l_i, q_nope, q_rope, t_row, lo, lo_masked,
-                    cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, 0,
-                    False, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
-                    TRANS, S_SCRATCH, s_buf,
-                )  # fmt: skip
-                lo = lo_masked
+            # Tiles every query row sees in full need neither the length mask nor the causal
+            # one (only the last s_q - 1 tokens are causally masked) and may use bulk copies;
+            # the rest, at most a tile or two, goes through masked loads.
+            seen_by_all = length - s_q + 1 if CAUSAL else length
+            split = tl.maximum(tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, hi), lo)
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q_nope, q_rope, t_row, lo, hi,
+                acc, m_i, l_i, q_nope, q_rope, t_row, lo, split,
+                cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, 0,
+                False, FMT, False, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
+                TRANS, USE_TMA, k_desc, r_desc, pid_g * stride_head,
+            )  # fmt: skip
+            acc, m_i, l_i = _attend(
+                acc, m_i, l_i, q_nope, q_rope, t_row, split, hi,
                 cache_h, stride_page, stride_row, num_pages, PAGE, row_table, length, length - s_q,
                 False, FMT, CAUSAL, D_NOPE, D_ROPE, BLOCK_N, NUM_STAGES, UPCAST, FP8_HW, scale_log2,
-                TRANS, S_SCRATCH, s_buf,
+                TRANS,
             )  # fmt: skip
 
         # Epilogue: the whole request's result, or one piece of a split request.

@@ -14,6 +14,10 @@ Design notes (why):
 - Every KV (forward, dQ) or Q (dK/dV) loop runs in two phases: blocks that need no mask at all,
   then the few blocks on the causal diagonal / sequence end that do. Fully masked blocks are never
   visited (causal early exit).
+- ``TMA`` (sm_90+): the K/V tiles of the forward and dQ loops come through host-built tensor
+  descriptors (TMA) instead of per-thread pointers; that frees ~60 registers (tiles of 128 keys
+  fit without spilling). A descriptor spans the whole tensor, so on the last tile of a sequence
+  TMA reads the next sequence's rows: those are zeroed (masked phase only) before use.
 - ``UPCAST`` (chosen by the launcher, True under ``TRITON_INTERPRET=1``) converts every bf16/fp16
   tile to fp32 right after loading: the interpreter computes bf16 dots and elementwise ops on raw
   bits (silently wrong). On a GPU it is False and the dots take 16-bit operands (wgmma / mma).
@@ -35,15 +39,43 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _load_rows(base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.constexpr,
-               UPCAST: tl.constexpr, OTHER: tl.constexpr = 0.0):  # fmt: skip
-    """A ``[len(offs_row), D]`` tile of rows ``offs_row`` (row stride ``stride_row``) at ``base``."""
+               UPCAST: tl.constexpr):  # fmt: skip
+    """A ``[len(offs_row), D]`` tile of rows ``offs_row`` (row stride ``stride_row``) at ``base``;
+    masked rows read 0."""
     ptrs = base + offs_row[:, None] * stride_row + tl.arange(0, D)[None, :]
     if MASKED:
-        x = tl.load(ptrs, mask=row_ok[:, None], other=OTHER)
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
         x = tl.load(ptrs)
     if UPCAST:
         x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _desc(base, rows, stride, D: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """A TMA descriptor over one sequence's ``[rows, D]`` slice at ``base`` (row stride
+    ``stride``): loads past its end read zeros, so no masks are needed. None without TMA."""
+    if TMA:
+        d = tl.make_tensor_descriptor(base, shape=[rows, D], strides=[stride, 1],
+                                      block_shape=[BLOCK, D])  # fmt: skip
+    else:
+        d = None
+    return d
+
+
+@triton.jit
+def _tile(desc, base, start, offs, ok, stride, D: tl.constexpr, MASKED: tl.constexpr,
+          TMA: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """Rows ``start + offs`` of a sequence (``base``: its first row, column offset included);
+    rows where ``ok`` is False read 0 (with TMA the descriptor's bounds do that)."""
+    if TMA:
+        x = desc.load([start, 0])
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        row = base + tl.cast(start, tl.int64) * stride
+        x = _load_rows(row, offs, ok, stride, D, MASKED, UPCAST)
     return x
 
 
@@ -53,23 +85,22 @@ def _load_rows(base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.c
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q_a, q_b, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, L_k, shift,
-    qk_scale,
+    acc, l_i, m_i, q_a, q_b, k_base, v_base, kd_a, kd_b, vd, stride_kt, stride_vt, lo, hi,
+    offs_m, L_k, shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L_k
-        k_row = k_base + tl.cast(start_n, tl.int64) * stride_kt
-        k_a = _load_rows(k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST)
+        k_a = _tile(kd_a, k_base, start_n, offs_n, col_ok, stride_kt, D_A, MASKED, TMA, UPCAST)
         qk = tl.dot(q_a, tl.trans(k_a))
         if D_B > 0:
-            k_b = _load_rows(k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
-            k_bt = tl.trans(k_b)
-            qk = tl.dot(q_b, k_bt, qk)
+            k_b = _tile(kd_b, k_base + D_A, start_n, offs_n, col_ok, stride_kt, D_B, MASKED, TMA,
+                        UPCAST)  # fmt: skip
+            qk = tl.dot(q_b, tl.trans(k_b), qk)
         if MASKED:
             keep = col_ok[None, :]
             if CAUSAL:
@@ -90,8 +121,7 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, col_ok, stride_vt, D_V,
-                       MASKED, UPCAST)  # fmt: skip
+        v = _tile(vd, v_base, start_n, offs_n, col_ok, stride_vt, D_V, MASKED, TMA, UPCAST)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -105,7 +135,7 @@ def mha_fwd_kernel(
     qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # grid (m blocks, h_q, b); m blocks are walked last-first so that under causal masking the
     # longest programs start first (less tail imbalance), consecutive programs share one head's
@@ -123,10 +153,10 @@ def mha_fwd_kernel(
     shift = L_k - L_q
     hk = h // GROUP
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
     row_ok = offs_m < L_q
     q_base = Q + (q_start + m0).to(tl.int64) * stride_qt + h * stride_qh
-    offs_r = tl.arange(0, BLOCK_M)
     q_a = _load_rows(q_base, offs_r, row_ok, stride_qt, D_A, True, UPCAST)
     if D_B > 0:
         q_b = _load_rows(q_base + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
@@ -134,6 +164,9 @@ def mha_fwd_kernel(
         q_b = q_a  # unused placeholder
     k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+    kd_a = _desc(k_base, L_k, stride_kt, D_A, BLOCK_N, TMA)
+    kd_b = _desc(k_base + D_A, L_k, stride_kt, D_B, BLOCK_N, TMA and D_B > 0)
+    vd = _desc(v_base, L_k, stride_vt, D_V, BLOCK_N, TMA)
 
     if CAUSAL:
         # keys < hi are visible to some row of the block, keys < full to all of them
@@ -148,19 +181,21 @@ def mha_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], tl.float32)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q_a, q_b, k_base, v_base, stride_kt, stride_vt, 0, full, offs_m, L_k,
-        shift, qk_scale, False, CAUSAL, SCALE_NEG, D_A, D_B, D_V, BLOCK_N, UPCAST,
+        acc, l_i, m_i, q_a, q_b, k_base, v_base, kd_a, kd_b, vd, stride_kt, stride_vt, 0, full,
+        offs_m, L_k, shift, qk_scale,
+        False, CAUSAL, SCALE_NEG, D_A, D_B, D_V, BLOCK_N, TMA, UPCAST,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q_a, q_b, k_base, v_base, stride_kt, stride_vt, full, hi, offs_m, L_k,
-        shift, qk_scale, True, CAUSAL, SCALE_NEG, D_A, D_B, D_V, BLOCK_N, UPCAST,
+        acc, l_i, m_i, q_a, q_b, k_base, v_base, kd_a, kd_b, vd, stride_kt, stride_vt, full, hi,
+        offs_m, L_k, shift, qk_scale,
+        True, CAUSAL, SCALE_NEG, D_A, D_B, D_V, BLOCK_N, TMA, UPCAST,
     )  # fmt: skip
 
     # l == 0 exactly when the row saw no key: out 0, lse +inf
     seen = l_i > 0.0
-    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
-    out = acc * inv_l[:, None]
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    out = acc * (1.0 / l_safe)[:, None]
     o_base = O + (q_start + m0).to(tl.int64) * stride_ot + h * stride_oh
     o_ptrs = o_base + offs_r[:, None] * stride_ot + tl.arange(0, D_V)[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -174,31 +209,29 @@ def mha_fwd_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m,
-    L_k, shift, qk_scale,
+    dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, kd_a, kd_b, vd, stride_kt, stride_vt,
+    lo, hi, offs_m, L_k, shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L_k
-        k_row = k_base + tl.cast(start_n, tl.int64) * stride_kt
-        k_a = _load_rows(k_row, offs_n, col_ok, stride_kt, D_A, MASKED, UPCAST)
+        k_a = _tile(kd_a, k_base, start_n, offs_n, col_ok, stride_kt, D_A, MASKED, TMA, UPCAST)
         s = tl.dot(q_a, tl.trans(k_a))
         if D_B > 0:
-            k_b = _load_rows(k_row + D_A, offs_n, col_ok, stride_kt, D_B, MASKED, UPCAST)
-            k_bt = tl.trans(k_b)
-            s = tl.dot(q_b, k_bt, s)
+            k_b = _tile(kd_b, k_base + D_A, start_n, offs_n, col_ok, stride_kt, D_B, MASKED, TMA,
+                        UPCAST)  # fmt: skip
+            s = tl.dot(q_b, tl.trans(k_b), s)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             keep = col_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
             p = tl.where(keep, p, 0.0)
-        v_row = v_base + tl.cast(start_n, tl.int64) * stride_vt
-        v = _load_rows(v_row, offs_n, col_ok, stride_vt, D_V, MASKED, UPCAST)
+        v = _tile(vd, v_base, start_n, offs_n, col_ok, stride_vt, D_V, MASKED, TMA, UPCAST)
         dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(k_a.dtype)
         dq_a = tl.dot(ds, k_a, dq_a)
@@ -216,7 +249,7 @@ def mha_bwd_dq_kernel(
     sm_scale, qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_DLSE: tl.constexpr,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -256,6 +289,9 @@ def mha_bwd_dq_kernel(
 
     k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+    kd_a = _desc(k_base, L_k, stride_kt, D_A, BLOCK_N, TMA)
+    kd_b = _desc(k_base + D_A, L_k, stride_kt, D_B, BLOCK_N, TMA and D_B > 0)
+    vd = _desc(v_base, L_k, stride_vt, D_V, BLOCK_N, TMA)
     if CAUSAL:
         hi = tl.maximum(tl.minimum(L_k, m0 + BLOCK_M + shift), 0)
         full = tl.maximum(tl.minimum(L_k, m0 + 1 + shift), 0)
@@ -270,12 +306,12 @@ def mha_bwd_dq_kernel(
     else:
         dq_b = dq_a  # unused placeholder
     dq_a, dq_b = _dq_inner(
-        dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, full,
-        offs_m, L_k, shift, qk_scale, False, CAUSAL, D_A, D_B, D_V, BLOCK_N, UPCAST,
+        dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, kd_a, kd_b, vd, stride_kt,
+        stride_vt, 0, full, offs_m, L_k, shift, qk_scale, False, CAUSAL, D_A, D_B, D_V, BLOCK_N, TMA, UPCAST,
     )  # fmt: skip
     dq_a, dq_b = _dq_inner(
-        dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
-        offs_m, L_k, shift, qk_scale, True, CAUSAL, D_A, D_B, D_V, BLOCK_N, UPCAST,
+        dq_a, dq_b, q_a, q_b, do, lse2, delta, k_base, v_base, kd_a, kd_b, vd, stride_kt,
+        stride_vt, full, hi, offs_m, L_k, shift, qk_scale, True, CAUSAL, D_A, D_B, D_V, BLOCK_N, TMA, UPCAST,
     )  # fmt: skip
 
     dq_base = DQ + rows64 * stride_dqt + h * stride_dqh
@@ -292,10 +328,10 @@ def mha_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, lse_base, delta_base,
+    dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, qd_a, qd_b, dod, lse_base, delta_base,
     stride_qt, stride_dot, stride_lt, lo, hi, L_q, offs_n, shift, qk_scale,
     MASKED: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # transposed formulation: S^T = K Q^T is [BLOCK_N, BLOCK_M] so dV += P^T dO and
     # dK += dS^T Q need no transposed register tiles
@@ -303,20 +339,18 @@ def _dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_r
         row_ok = rows < L_q
-        q_row = q_base + tl.cast(start_m, tl.int64) * stride_qt
-        # row masks only (cheap, per row): rows past L_q read zeros and lse = +inf, so P = 0
-        q_a = _load_rows(q_row, offs_r, row_ok, stride_qt, D_A, True, UPCAST)
+        # rows past L_q read zeros (row masks or the descriptor's bounds) and lse = +inf: P = 0
+        q_a = _tile(qd_a, q_base, start_m, offs_r, row_ok, stride_qt, D_A, True, TMA, UPCAST)
         s_t = tl.dot(k_a, tl.trans(q_a))
         if D_B > 0:
-            q_b = _load_rows(q_row + D_A, offs_r, row_ok, stride_qt, D_B, True, UPCAST)
-            q_bt = tl.trans(q_b)
-            s_t = tl.dot(k_b, q_bt, s_t)
+            q_b = _tile(qd_b, q_base + D_A, start_m, offs_r, row_ok, stride_qt, D_B, True, TMA,
+                        UPCAST)  # fmt: skip
+            s_t = tl.dot(k_b, tl.trans(q_b), s_t)
         lse = tl.load(lse_base + rows.to(tl.int64) * stride_lt, mask=row_ok, other=float("inf"))
         p_t = tl.math.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
         if MASKED:  # causal diagonal: key j sees query i iff j <= i + shift
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
-        do_row = do_base + tl.cast(start_m, tl.int64) * stride_dot
-        do = _load_rows(do_row, offs_r, row_ok, stride_dot, D_V, True, UPCAST)
+        do = _tile(dod, do_base, start_m, offs_r, row_ok, stride_dot, D_V, True, TMA, UPCAST)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -336,7 +370,7 @@ def mha_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # grid (n blocks, h_kv, b); first KV blocks first (under causal they see the most queries)
     pid_n = tl.program_id(0)
@@ -388,15 +422,18 @@ def mha_bwd_dkdv_kernel(
         do_base = DO + q_rows64 * stride_dot + h * stride_doh
         lse_base = LSE + q_rows64 * stride_lt + h * stride_lh
         delta_base = DELTA + h * stride_delh + q_rows64
+        qd_a = _desc(q_base, L_q, stride_qt, D_A, BLOCK_M, TMA)
+        qd_b = _desc(q_base + D_A, L_q, stride_qt, D_B, BLOCK_M, TMA and D_B > 0)
+        dod = _desc(do_base, L_q, stride_dot, D_V, BLOCK_M, TMA)
         dk_a, dk_b, dv = _dkdv_inner(
-            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, qd_a, qd_b, dod, lse_base, delta_base,
             stride_qt, stride_dot, stride_lt, lo, mid, L_q, offs_n, shift, qk_scale,
-            CAUSAL, D_A, D_B, D_V, BLOCK_M, UPCAST,
+            CAUSAL, D_A, D_B, D_V, BLOCK_M, TMA, UPCAST,
         )  # fmt: skip
         dk_a, dk_b, dv = _dkdv_inner(
-            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, qd_a, qd_b, dod, lse_base, delta_base,
             stride_qt, stride_dot, stride_lt, mid, L_q, L_q, offs_n, shift, qk_scale,
-            False, D_A, D_B, D_V, BLOCK_M, UPCAST,
+            False, D_A, D_B, D_V, BLOCK_M, TMA, UPCAST,
         )  # fmt: skip
 
     dk_base = DK + k_rows64 * stride_dkt + hk * stride_dkh
