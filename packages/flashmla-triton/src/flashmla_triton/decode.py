@@ -59,10 +59,9 @@ def choose_config(
     if INTERPRET:
         return Config(max(16, min(64, triton.next_power_of_2(rows))), 64, 4, 1)
     stages = 1 if fmt.is_fp8 or cc[0] >= 10 else 2
-    if rows <= 16:
-        return Config(16, 64, 4, stages)
-    if rows <= 32:
-        return Config(32, 64, 4, stages)
+    if rows <= 32:  # tokens as M, queries as N: warpgroup MMA despite few rows; small tiles,
+        # bulk copies and two CTAs per SM keep more bytes in flight (these shapes are memory-bound)
+        return Config(16 if rows <= 16 else 32, 32, 4, stages, ctas_per_sm=2, trans=True, tma=True)
     return Config(64, 64, 8, stages)
 
 

@@ -44,27 +44,27 @@ class MhaConfig:
 
 
 # Launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages) per tier and head dims; the
-# same for causal and not. "sm90" (Hopper, 227 KiB of shared memory):
-# BLOCK_M 128 = two warpgroups of wgmma M=64 for the forward and dQ; dK/dV tiles hold 128 keys
-# (M of its main dots) and step over 32 queries, because the dK+dV accumulators alone take
-# 128 x (d_qk + d_v) fp32 and 64-query steps spill. "sm80" (Ampere, Ada, consumer Blackwell:
-# <= 99 KiB fits every one): mma.sync keeps operands in registers, so tiles are smaller.
-# tests/test_mha_compile.py compiles each for its targets: no spills, shared memory in budget.
+# same for causal and not. "sm90" (Hopper, 227 KiB of shared memory, TMA): BLOCK_M 128 = two
+# warpgroups of wgmma M=64 for the forward and dQ, 128-key tiles in the forward (TMA loads keep
+# the registers for them). dK/dV programs hold 128 keys (M of their main dots) and step over 32
+# or 64 queries: the dK+dV accumulators alone take 128 x (d_qk + d_v) fp32, and 64-query steps
+# spill at d_qk = 192. "sm100": the same except where tcgen05 code spills. "sm80" (Ampere, Ada,
+# consumer Blackwell: every one fits 99 KiB): no TMA, mma.sync keeps operands in registers, so
+# tiles are smaller. tests/test_mha_compile.py compiles each for its targets: no spills, shared
+# memory in budget. Re-tune with :func:`tune` on the GPU.
 _TABLE: dict[str, dict[tuple[int, int], tuple[tuple[int, ...], ...]]] = {
     #            fwd                dq                 dkdv
     "sm90": {
-        (192, 128): ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
-        (128, 128): ((128, 64, 8, 3), (128, 64, 8, 3), (32, 128, 8, 3)),
+        (192, 128): ((128, 128, 8, 2), (128, 64, 8, 2), (32, 128, 8, 3)),
+        (128, 128): ((128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)),
         (64, 64): ((128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 8, 3)),
-        (128, 64): ((128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 8, 3)),
+        (128, 64): ((128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)),
     },
-    # datacenter Blackwell (tcgen05, accumulators in tensor memory): sm90's, except two that
-    # spill there
     "sm100": {
-        (192, 128): ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
-        (128, 128): ((128, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)),
-        (64, 64): ((128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 3)),
-        (128, 64): ((128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 8, 3)),
+        (192, 128): ((128, 128, 8, 2), (128, 64, 8, 2), (32, 128, 8, 3)),
+        (128, 128): ((128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)),
+        (64, 64): ((128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2)),
+        (128, 64): ((128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)),
     },
     "sm80": {
         (192, 128): ((128, 32, 8, 3), (64, 32, 8, 2), (16, 128, 8, 2)),
