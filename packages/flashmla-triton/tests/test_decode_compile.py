@@ -45,7 +45,9 @@ def _attention_launch(shape, cc: int = 90):
         p = testing.problem_for("sparse_prefill", inputs)
         return decode.sparse_prefill_launches(p, *p.empty_outputs())[0]
     p = testing.problem_for("decode", inputs)
-    plan = Schedule(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    plan = decode.Plan.of(
+        p, Schedule(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    )
     make = (
         decode.sparse_decode_launches
         if p.facts.op == "sparse_decode"

@@ -48,8 +48,9 @@ def run_decode(
             plan = meta.plans.get(backend.name)
             if plan is None:
                 plan = meta.plans[backend.name] = planner(p)
-                if isinstance(plan, Schedule):
-                    meta.tile_scheduler_metadata, meta.num_splits = plan
+                schedule = getattr(plan, "schedule", plan)  # a Schedule, or a plan holding one
+                if isinstance(schedule, Schedule):
+                    meta.tile_scheduler_metadata, meta.num_splits = schedule
     elif planner is not None:
         plan = planner(p)
     return getattr(impl, op)(p, plan)

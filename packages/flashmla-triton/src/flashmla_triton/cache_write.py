@@ -41,7 +41,11 @@ def cache_write_launches(p: CacheWriteProblem) -> list[Launch]:
             "stride_page": cache.stride(0), "stride_nn": new_kv.stride(0),
             "stride_nd": new_kv.stride(2),
         }  # fmt: skip
-        return [Launch(fp8_write_kernel, (n,), args, 4, 1, frozenset(constexprs))]
+        return [
+            Launch(
+                fp8_write_kernel, (n,), args, 4, 1, frozenset(constexprs), new_kv.device.index or 0
+            )
+        ]
     constexprs = {"D": d, "BLOCK": min(triton.next_power_of_2(d), MAX_BLOCK)}
     strides = (
         "stride_cb", "stride_ct", "stride_ch", "stride_cd", "stride_nn", "stride_nh", "stride_nd",
@@ -50,7 +54,17 @@ def cache_write_launches(p: CacheWriteProblem) -> list[Launch]:
         **common, **constexprs, "cache_ptr": cache,
         **dict(zip(strides, cache.stride() + new_kv.stride(), strict=True)),
     }  # fmt: skip
-    return [Launch(plain_write_kernel, (n, h_kv), args, 4, 1, frozenset(constexprs))]
+    return [
+        Launch(
+            plain_write_kernel,
+            (n, h_kv),
+            args,
+            4,
+            1,
+            frozenset(constexprs),
+            new_kv.device.index or 0,
+        )
+    ]
 
 
 def cache_write(p: CacheWriteProblem) -> None:

@@ -43,9 +43,18 @@ class Config:
     tma: bool = False  # bulk tensor copies for whole tiles of plain, page-contiguous caches
 
 
+_CC: dict[int, tuple[int, int]] = {}
+
+
 def target_cc(device: torch.device) -> tuple[int, int]:
     """The compute capability kernels are built for (Hopper's for CPU tensors: AOT tests)."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    if device.type != "cuda":
+        return (9, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cc = _CC.get(index)
+    if cc is None:
+        cc = _CC[index] = torch.cuda.get_device_capability(index)
+    return cc
 
 
 def choose_config(
@@ -104,12 +113,33 @@ def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
     return Schedule(metadata, num_splits)
 
 
-def plan_dense_decode(p: DenseDecodeProblem) -> Schedule:
-    return p.schedule if p.schedule is not None else _schedule(p)
+@dataclass(frozen=True)
+class Plan:
+    """A decode call's split-KV schedule and the accumulators its split requests write. A
+    SchedMeta keeps one per step for all layers: their calls run one after another on a stream,
+    so they can share the accumulators."""
+
+    schedule: Schedule
+    o_acc: Tensor  # [b + parts, s_q, h_q, 512] fp32 partial outputs
+    lse_acc: Tensor  # [b + parts, s_q, h_q] fp32 partial base-2 lse
+
+    @staticmethod
+    def of(p: DenseDecodeProblem | SparseDecodeProblem, schedule: Schedule) -> Plan:
+        b, s_q, h_q, _ = p.q.shape
+        slots = b + schedule.metadata.shape[0]
+        acc = torch.empty(slots * s_q * h_q * 513, dtype=torch.float32, device=p.q.device)
+        split = slots * s_q * h_q * 512
+        return Plan(
+            schedule, acc[:split].view(slots, s_q, h_q, 512), acc[split:].view(slots, s_q, h_q)
+        )
 
 
-def plan_sparse_decode(p: SparseDecodeProblem) -> Schedule:
-    return p.schedule if p.schedule is not None else _schedule(p)
+def plan_dense_decode(p: DenseDecodeProblem) -> Plan:
+    return Plan.of(p, p.schedule if p.schedule is not None else _schedule(p))
+
+
+def plan_sparse_decode(p: SparseDecodeProblem) -> Plan:
+    return Plan.of(p, p.schedule if p.schedule is not None else _schedule(p))
 
 
 def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple:
@@ -152,19 +182,15 @@ def attention_launches(
     *, q4: Tensor, out4: Tensor, lse_strides: tuple[int, int, int], lse: Tensor,
     max_logits: Tensor | None, cache: Tensor, fmt: CacheFormat, page: int,
     slots: Tensor, slot_strides: tuple[int, int], lengths: Tensor | None, list_len: int,
-    extra: tuple | None, sink: Tensor | None, schedule: Schedule | None, num_requests: int,
+    extra: tuple | None, sink: Tensor | None, plan: Plan | None, num_requests: int,
     rows: int, axis1: int, group: int, sparse: bool, causal: bool, scale: float,
 ) -> list[Launch]:  # fmt: skip
     """The attention kernel's launch (and the combine's, for a split-KV schedule)."""
     cfg = choose_config(rows, fmt, target_cc(q4.device))
     b, s_q, h_q, d = q4.shape
-    persistent = schedule is not None
-    parts = schedule.metadata.shape[0] if persistent else num_requests
-    if persistent:
-        o_acc = torch.empty(b + parts, s_q, h_q, 512, dtype=torch.float32, device=q4.device)
-        lse_acc = torch.empty(b + parts, s_q, h_q, dtype=torch.float32, device=q4.device)
-    else:
-        o_acc = lse_acc = lse  # never written
+    persistent = plan is not None
+    parts = plan.schedule.metadata.shape[0] if persistent else num_requests
+    o_acc, lse_acc = (plan.o_acc, plan.lse_acc) if persistent else (lse, lse)  # unused if not
     cache_t, sp, sr, sh, pages = _cache_args(cache, fmt)
     if extra is not None:
         extra_cache, extra_slots, extra_len = extra
@@ -190,7 +216,8 @@ def attention_launches(
         cache_t, sp, sr, sh, pages, k_desc, r_desc,
         slots, *slot_strides, lengths, list_len,
         *extra_args, sink,
-        schedule.metadata if persistent else None, schedule.num_splits if persistent else None,
+        plan.schedule.metadata if persistent else None,
+        plan.schedule.num_splits if persistent else None,
         s_q, group, rows, scale * LOG2E,
     )))  # fmt: skip
     constexprs = dict(
@@ -202,6 +229,7 @@ def attention_launches(
         FP8_HW=_fp8_hardware(q4.device), TRANS=cfg.trans,
         USE_TMA=use_tma,
     )  # fmt: skip
+    device = q4.device.index or 0
     launches = [
         Launch(
             mla_attention_kernel,
@@ -210,42 +238,51 @@ def attention_launches(
             cfg.num_warps,
             1,
             frozenset(constexprs),
+            device,
         )
     ]
     if persistent:
         block_h = 16
         cargs = dict(zip(combine_kernel.arg_names, (
-            o_acc, lse_acc, s_q * h_q, h_q, 1, schedule.num_splits,
+            o_acc, lse_acc, s_q * h_q, h_q, 1, plan.schedule.num_splits,
             out4, out4.stride(0), out4.stride(1), out4.stride(2),
             lse, *lse_strides, sink, s_q, h_q,
         )))  # fmt: skip
         cconst = dict(HAS_SINK=sink is not None, BLOCK_H=block_h, D_V=512, UPCAST=INTERPRET)
         grid = (b * s_q, triton.cdiv(h_q, block_h))
-        launches.append(Launch(combine_kernel, grid, {**cargs, **cconst}, 4, 1, frozenset(cconst)))
+        launches.append(
+            Launch(combine_kernel, grid, {**cargs, **cconst}, 4, 1, frozenset(cconst), device)
+        )
     return launches
 
 
 def _run(launches: list[Launch]) -> None:
-    for launch in launches:
-        launch()
+    device = launches[0].device
+    if INTERPRET or device == torch.cuda.current_device():
+        for launch in launches:
+            launch()
+        return
+    with torch.cuda.device(device):  # Triton compiles and launches for the current device
+        for launch in launches:
+            launch()
 
 
 def dense_decode_launches(
-    p: DenseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor
+    p: DenseDecodeProblem, plan: Plan, out: Tensor, lse: Tensor
 ) -> list[Launch]:
     rows, axis1, group = _groups(p)
     return attention_launches(
         q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
         max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
         slots=p.block_table, slot_strides=(p.block_table.stride(0), 0), lengths=p.cache_seqlens,
-        list_len=p.block_table.shape[1], extra=None, sink=None, schedule=plan,
+        list_len=p.block_table.shape[1], extra=None, sink=None, plan=plan,
         num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group, sparse=False,
         causal=p.causal, scale=p.softmax_scale,
     )  # fmt: skip
 
 
 def sparse_decode_launches(
-    p: SparseDecodeProblem, plan: Schedule, out: Tensor, lse: Tensor
+    p: SparseDecodeProblem, plan: Plan, out: Tensor, lse: Tensor
 ) -> list[Launch]:
     rows, axis1, group = _groups(p)
     extra = None
@@ -256,7 +293,7 @@ def sparse_decode_launches(
         max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
         slots=p.indices, slot_strides=(p.indices.stride(0), p.indices.stride(1)),
         lengths=p.topk_length, list_len=p.indices.shape[2], extra=extra, sink=p.attn_sink,
-        schedule=plan, num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group,
+        plan=plan, num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group,
         sparse=True, causal=False, scale=p.softmax_scale,
     )  # fmt: skip
 
@@ -272,19 +309,19 @@ def sparse_prefill_launches(
         lse_strides=(lse.stride(0), 0, lse.stride(1)), max_logits=max_logits,
         cache=p.kv.unsqueeze(1), fmt=CacheFormat.BF16, page=1,
         slots=p.indices, slot_strides=(p.indices.stride(0), 0), lengths=p.topk_length,
-        list_len=p.indices.shape[2], extra=None, sink=p.attn_sink, schedule=None,
+        list_len=p.indices.shape[2], extra=None, sink=p.attn_sink, plan=None,
         num_requests=s_q, rows=h_q, axis1=1, group=h_q, sparse=True, causal=False,
         scale=p.sm_scale,
     )  # fmt: skip
 
 
-def dense_decode(p: DenseDecodeProblem, plan: Schedule | None) -> tuple[Tensor, Tensor]:
+def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
     _run(dense_decode_launches(p, plan if plan is not None else plan_dense_decode(p), out, lse))
     return out, lse
 
 
-def sparse_decode(p: SparseDecodeProblem, plan: Schedule | None) -> tuple[Tensor, Tensor]:
+def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
     _run(sparse_decode_launches(p, plan if plan is not None else plan_sparse_decode(p), out, lse))
     return out, lse

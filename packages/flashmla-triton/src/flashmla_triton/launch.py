@@ -12,9 +12,33 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
+from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import INTERPRET
+
+_COMPILED: dict[tuple, Any] = {}
+_MAX_COMPILED = 4096  # distinct (kernel, shapes, strides) combinations kept for direct launch
+
+
+def _launch_key(values: list[Any]) -> tuple:
+    """Everything Triton specializes a kernel on, cheaply: ints by value (so "== 1" and
+    "divisible by 16" are covered), tensors by dtype and 16-byte alignment, descriptors by
+    dtype and block shape."""
+    key = []
+    for v in values:
+        kind = type(v)
+        if kind is torch.Tensor or isinstance(v, torch.Tensor):
+            key.append((v.dtype, v.data_ptr() & 15))
+        elif kind is TensorDescriptor:
+            key.append((v.base.dtype, *v.block_shape))
+        else:
+            key.append(v)
+    return tuple(key)
 
 
 @dataclass
@@ -25,12 +49,35 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 1
     constexprs: frozenset[str] = field(default_factory=frozenset)
+    device: int = 0  # CUDA device index the tensors live on
 
     def __call__(self) -> None:
-        if all(g > 0 for g in self.grid):
+        """Launch on torch's current stream. The first launch of a specialization goes through
+        Triton's JIT (compiling if needed); later ones call the compiled kernel directly, which
+        skips Triton's per-launch argument binding (decode calls are latency-critical)."""
+        if not all(g > 0 for g in self.grid):
+            return
+        if INTERPRET:
             self.kernel[self.grid](
                 **self.args, num_warps=self.num_warps, num_stages=self.num_stages
             )
+            return
+        values = [self.args[name] for name in self.kernel.arg_names]
+        key = (self.kernel, self.num_warps, self.num_stages, self.device, *_launch_key(values))
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            if len(_COMPILED) >= _MAX_COMPILED:
+                _COMPILED.clear()
+            _COMPILED[key] = self.kernel[self.grid](
+                **self.args, num_warps=self.num_warps, num_stages=self.num_stages
+            )
+            return
+        grid = (*self.grid, 1, 1)
+        compiled.run(
+            grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device),
+            compiled.function, compiled.packed_metadata, None, knobs.runtime.launch_enter_hook,
+            knobs.runtime.launch_exit_hook, *values,
+        )  # fmt: skip
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
         """Types, constants and attributes exactly as Triton's launcher specializes them

@@ -10,9 +10,16 @@ Semantics beyond FlashMLA's contract (§3), documented here:
 - the backward is bitwise deterministic (no atomics); ``dlse`` (may be None) is honoured.
 - rows past ``cu_seqlens[-1]`` (if the tensors are longer) are not written, as in FlashMLA.
 
-Launch configurations are fixed per ``(d_qk, d_v, causal)`` (no autotuning: it would run on the
-first call, time kernels inside CUDA-graph capture and cannot run under the interpreter);
-:func:`configs` lists them so tests can compile each ahead of time.
+Launch configurations are fixed per GPU tier and ``(d_qk, d_v, causal)`` (no autotuning: it would
+run on the first call, time kernels inside CUDA-graph capture and cannot run under the
+interpreter); :func:`configs` lists them so tests can compile each ahead of time, :func:`tune`
+times alternatives on a GPU.
+
+On sm_90+ the kernels build TMA descriptors on the device; Triton then asks for a small global
+scratch buffer (128 bytes per descriptor and program) through ``triton.set_allocator``. If no
+allocator is set in the calling context, a torch one is installed there (see
+:func:`_set_allocator`); a user's allocator is left alone. Everything stays on torch's current
+stream and is CUDA-graph capturable (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ _TABLE: dict[str, dict[tuple[int, int], tuple[tuple[int, ...], ...]]] = {
         (128, 64): ((128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)),
     },
     "sm80": {
-        (192, 128): ((128, 32, 8, 3), (64, 32, 8, 2), (16, 128, 8, 2)),
+        (192, 128): ((128, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)),
         (128, 128): ((128, 64, 8, 3), (128, 32, 8, 2), (32, 64, 8, 2)),
         (64, 64): ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 2)),
         (128, 64): ((128, 64, 8, 3), (128, 32, 8, 2), (32, 64, 8, 2)),
@@ -136,22 +143,25 @@ def _use_tma(p: MhaProblem, tma: bool | None, *tensors: Tensor) -> bool:
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    # torch's caching allocator: cheap, on the current device, fine inside CUDA-graph capture
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+try:  # Triton's allocator slot (private): lets us keep an allocator the user has set
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _ALLOCATOR
+except ImportError:  # pragma: no cover - moved in some Triton version: always set ours
+    _NullAllocator, _ALLOCATOR = None, None
 
 
 def _set_allocator(tma: bool) -> None:
     """Device-side descriptors live in a global scratch buffer that Triton's launcher requests
-    from the context's allocator (a ContextVar: autograd's backward thread has its own, so this
-    runs before every launch). A user's allocator, if any, is kept."""
+    from the context's allocator, a ContextVar (autograd's backward thread has its own context,
+    so this runs before every launch). An allocator the user has set is kept."""
     if not tma or INTERPRET:
         return
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except ImportError:  # private module moved: set ours unconditionally
-        pass
+    if _ALLOCATOR is not None and not isinstance(_ALLOCATOR.get(), _NullAllocator):
+        return
     triton.set_allocator(_scratch)
 
 

@@ -14,10 +14,11 @@ Design notes (why):
 - Every KV (forward, dQ) or Q (dK/dV) loop runs in two phases: blocks that need no mask at all,
   then the few blocks on the causal diagonal / sequence end that do. Fully masked blocks are never
   visited (causal early exit).
-- ``TMA`` (sm_90+): the K/V tiles of the forward and dQ loops come through host-built tensor
-  descriptors (TMA) instead of per-thread pointers; that frees ~60 registers (tiles of 128 keys
-  fit without spilling). A descriptor spans the whole tensor, so on the last tile of a sequence
-  TMA reads the next sequence's rows: those are zeroed (masked phase only) before use.
+- ``TMA`` (sm_90+): the K/V tiles of the forward and dQ loops and the Q/dO tiles of the dK/dV
+  loop come through device-side tensor descriptors (TMA) built per program over the sequence's
+  own rows instead of per-thread pointers: ~60 fewer registers (128-key forward tiles fit
+  without spilling), no address arithmetic, and rows past the sequence end read zeros from the
+  descriptor's bounds, never the next sequence's (or unused, possibly NaN) rows.
 - ``UPCAST`` (chosen by the launcher, True under ``TRITON_INTERPRET=1``) converts every bf16/fp16
   tile to fp32 right after loading: the interpreter computes bf16 dots and elementwise ops on raw
   bits (silently wrong). On a GPU it is False and the dots take 16-bit operands (wgmma / mma).
@@ -53,11 +54,12 @@ def _load_rows(base, offs_row, row_ok, stride_row, D: tl.constexpr, MASKED: tl.c
 
 
 @triton.jit
-def _desc(base, rows, stride, D: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
-    """A TMA descriptor over one sequence's ``[rows, D]`` slice at ``base`` (row stride
-    ``stride``): loads past its end read zeros, so no masks are needed. None without TMA."""
+def _desc(base, rows, cols, stride, D: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """A TMA descriptor over one sequence's ``[rows, cols]`` slice at ``base`` (row stride
+    ``stride``), loading ``[BLOCK, D]`` tiles: loads past its end read zeros, so no masks are
+    needed. None without TMA."""
     if TMA:
-        d = tl.make_tensor_descriptor(base, shape=[rows, D], strides=[stride, 1],
+        d = tl.make_tensor_descriptor(base, shape=[rows, cols], strides=[stride, 1],
                                       block_shape=[BLOCK, D])  # fmt: skip
     else:
         d = None
@@ -65,16 +67,16 @@ def _desc(base, rows, stride, D: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.cons
 
 
 @triton.jit
-def _tile(desc, base, start, offs, ok, stride, D: tl.constexpr, MASKED: tl.constexpr,
+def _tile(desc, base, col, start, offs, ok, stride, D: tl.constexpr, MASKED: tl.constexpr,
           TMA: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """Rows ``start + offs`` of a sequence (``base``: its first row, column offset included);
+    """Rows ``start + offs``, columns ``col .. col + D`` of a sequence (``base``: its first row);
     rows where ``ok`` is False read 0 (with TMA the descriptor's bounds do that)."""
     if TMA:
-        x = desc.load([start, 0])
+        x = desc.load([start, col])
         if UPCAST:
             x = x.to(tl.float32)
     else:
-        row = base + tl.cast(start, tl.int64) * stride
+        row = base + col + tl.cast(start, tl.int64) * stride
         x = _load_rows(row, offs, ok, stride, D, MASKED, UPCAST)
     return x
 
@@ -95,10 +97,10 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L_k
-        k_a = _tile(kd_a, k_base, start_n, offs_n, col_ok, stride_kt, D_A, MASKED, TMA, UPCAST)
+        k_a = _tile(kd_a, k_base, 0, start_n, offs_n, col_ok, stride_kt, D_A, MASKED, TMA, UPCAST)
         qk = tl.dot(q_a, tl.trans(k_a))
         if D_B > 0:
-            k_b = _tile(kd_b, k_base + D_A, start_n, offs_n, col_ok, stride_kt, D_B, MASKED, TMA,
+            k_b = _tile(kd_b, k_base, D_A, start_n, offs_n, col_ok, stride_kt, D_B, MASKED, TMA,
                         UPCAST)  # fmt: skip
             qk = tl.dot(q_b, tl.trans(k_b), qk)
         if MASKED:
@@ -121,7 +123,7 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _tile(vd, v_base, start_n, offs_n, col_ok, stride_vt, D_V, MASKED, TMA, UPCAST)
+        v = _tile(vd, v_base, 0, start_n, offs_n, col_ok, stride_vt, D_V, MASKED, TMA, UPCAST)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -164,9 +166,10 @@ def mha_fwd_kernel(
         q_b = q_a  # unused placeholder
     k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-    kd_a = _desc(k_base, L_k, stride_kt, D_A, BLOCK_N, TMA)
-    kd_b = _desc(k_base + D_A, L_k, stride_kt, D_B, BLOCK_N, TMA and D_B > 0)
-    vd = _desc(v_base, L_k, stride_vt, D_V, BLOCK_N, TMA)
+    # descriptors bounded by this sequence and head: [L_k, d_qk] of K, [L_k, d_v] of V
+    kd_a = _desc(k_base, L_k, D_A + D_B, stride_kt, D_A, BLOCK_N, TMA)
+    kd_b = _desc(k_base, L_k, D_A + D_B, stride_kt, D_B, BLOCK_N, TMA and D_B > 0)
+    vd = _desc(v_base, L_k, D_V, stride_vt, D_V, BLOCK_N, TMA)
 
     if CAUSAL:
         # keys < hi are visible to some row of the block, keys < full to all of them
@@ -219,10 +222,10 @@ def _dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L_k
-        k_a = _tile(kd_a, k_base, start_n, offs_n, col_ok, stride_kt, D_A, MASKED, TMA, UPCAST)
+        k_a = _tile(kd_a, k_base, 0, start_n, offs_n, col_ok, stride_kt, D_A, MASKED, TMA, UPCAST)
         s = tl.dot(q_a, tl.trans(k_a))
         if D_B > 0:
-            k_b = _tile(kd_b, k_base + D_A, start_n, offs_n, col_ok, stride_kt, D_B, MASKED, TMA,
+            k_b = _tile(kd_b, k_base, D_A, start_n, offs_n, col_ok, stride_kt, D_B, MASKED, TMA,
                         UPCAST)  # fmt: skip
             s = tl.dot(q_b, tl.trans(k_b), s)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -231,7 +234,7 @@ def _dq_inner(
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
             p = tl.where(keep, p, 0.0)
-        v = _tile(vd, v_base, start_n, offs_n, col_ok, stride_vt, D_V, MASKED, TMA, UPCAST)
+        v = _tile(vd, v_base, 0, start_n, offs_n, col_ok, stride_vt, D_V, MASKED, TMA, UPCAST)
         dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(k_a.dtype)
         dq_a = tl.dot(ds, k_a, dq_a)
@@ -289,9 +292,10 @@ def mha_bwd_dq_kernel(
 
     k_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-    kd_a = _desc(k_base, L_k, stride_kt, D_A, BLOCK_N, TMA)
-    kd_b = _desc(k_base + D_A, L_k, stride_kt, D_B, BLOCK_N, TMA and D_B > 0)
-    vd = _desc(v_base, L_k, stride_vt, D_V, BLOCK_N, TMA)
+    # descriptors bounded by this sequence and head: [L_k, d_qk] of K, [L_k, d_v] of V
+    kd_a = _desc(k_base, L_k, D_A + D_B, stride_kt, D_A, BLOCK_N, TMA)
+    kd_b = _desc(k_base, L_k, D_A + D_B, stride_kt, D_B, BLOCK_N, TMA and D_B > 0)
+    vd = _desc(v_base, L_k, D_V, stride_vt, D_V, BLOCK_N, TMA)
     if CAUSAL:
         hi = tl.maximum(tl.minimum(L_k, m0 + BLOCK_M + shift), 0)
         full = tl.maximum(tl.minimum(L_k, m0 + 1 + shift), 0)
@@ -324,41 +328,6 @@ def mha_bwd_dq_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Backward: dK, dV
-
-
-@triton.jit
-def _dkdv_inner(
-    dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, qd_a, qd_b, dod, lse_base, delta_base,
-    stride_qt, stride_dot, stride_lt, lo, hi, L_q, offs_n, shift, qk_scale,
-    MASKED: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    # transposed formulation: S^T = K Q^T is [BLOCK_N, BLOCK_M] so dV += P^T dO and
-    # dK += dS^T Q need no transposed register tiles
-    offs_r = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_r
-        row_ok = rows < L_q
-        # rows past L_q read zeros (row masks or the descriptor's bounds) and lse = +inf: P = 0
-        q_a = _tile(qd_a, q_base, start_m, offs_r, row_ok, stride_qt, D_A, True, TMA, UPCAST)
-        s_t = tl.dot(k_a, tl.trans(q_a))
-        if D_B > 0:
-            q_b = _tile(qd_b, q_base + D_A, start_m, offs_r, row_ok, stride_qt, D_B, True, TMA,
-                        UPCAST)  # fmt: skip
-            s_t = tl.dot(k_b, tl.trans(q_b), s_t)
-        lse = tl.load(lse_base + rows.to(tl.int64) * stride_lt, mask=row_ok, other=float("inf"))
-        p_t = tl.math.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
-        if MASKED:  # causal diagonal: key j sees query i iff j <= i + shift
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
-        do = _tile(dod, do_base, start_m, offs_r, row_ok, stride_dot, D_V, True, TMA, UPCAST)
-        dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
-        dk_a = tl.dot(ds_t, q_a, dk_a)
-        if D_B > 0:
-            dk_b = tl.dot(ds_t, q_b, dk_b)
-    return dk_a, dk_b, dv
 
 
 @triton.jit
@@ -399,14 +368,25 @@ def mha_bwd_dkdv_kernel(
                    UPCAST)  # fmt: skip
 
     if CAUSAL:
-        # queries >= lo see some key of the block, queries >= mid see all of them
+        # queries >= lo see some key of the block, queries >= mid see all of them (tiles
+        # starting before mid get the causal mask)
         lo = tl.minimum(tl.maximum(n0 - shift, 0), L_q)
         lo = (lo // BLOCK_M) * BLOCK_M
         mid = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, lo), L_q)
-        mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
     else:
         lo = 0
         mid = 0
+    n_tiles = tl.cdiv(L_q - lo, BLOCK_M)
+
+    # q / dO of this sequence, all heads: [L_q, (h_q - 1) * stride_h + d] seen as 2-D, the head
+    # picks the column (one descriptor per program, shared by the group's heads)
+    q_seq = Q + q_start.to(tl.int64) * stride_qt
+    do_seq = DO + q_start.to(tl.int64) * stride_dot
+    q_cols = (hk * GROUP + GROUP - 1) * stride_qh + D_A + D_B
+    do_cols = (hk * GROUP + GROUP - 1) * stride_doh + D_V
+    qd_a = _desc(q_seq, L_q, q_cols, stride_qt, D_A, BLOCK_M, TMA)
+    qd_b = _desc(q_seq, L_q, q_cols, stride_qt, D_B, BLOCK_M, TMA and D_B > 0)
+    dod = _desc(do_seq, L_q, do_cols, stride_dot, D_V, BLOCK_M, TMA)
 
     dk_a = tl.zeros([BLOCK_N, D_A], tl.float32)
     if D_B > 0:
@@ -414,27 +394,47 @@ def mha_bwd_dkdv_kernel(
     else:
         dk_b = dk_a  # unused placeholder
     dv = tl.zeros([BLOCK_N, D_V], tl.float32)
-    q_rows64 = q_start.to(tl.int64)
-    # the group's query heads are summed here, in a fixed order: deterministic, no atomics
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        q_base = Q + q_rows64 * stride_qt + h * stride_qh
-        do_base = DO + q_rows64 * stride_dot + h * stride_doh
-        lse_base = LSE + q_rows64 * stride_lt + h * stride_lh
-        delta_base = DELTA + h * stride_delh + q_rows64
-        qd_a = _desc(q_base, L_q, stride_qt, D_A, BLOCK_M, TMA)
-        qd_b = _desc(q_base + D_A, L_q, stride_qt, D_B, BLOCK_M, TMA and D_B > 0)
-        dod = _desc(do_base, L_q, stride_dot, D_V, BLOCK_M, TMA)
-        dk_a, dk_b, dv = _dkdv_inner(
-            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, qd_a, qd_b, dod, lse_base, delta_base,
-            stride_qt, stride_dot, stride_lt, lo, mid, L_q, offs_n, shift, qk_scale,
-            CAUSAL, D_A, D_B, D_V, BLOCK_M, TMA, UPCAST,
-        )  # fmt: skip
-        dk_a, dk_b, dv = _dkdv_inner(
-            dk_a, dk_b, dv, k_a, k_b, v, q_base, do_base, qd_a, qd_b, dod, lse_base, delta_base,
-            stride_qt, stride_dot, stride_lt, mid, L_q, L_q, offs_n, shift, qk_scale,
-            False, D_A, D_B, D_V, BLOCK_M, TMA, UPCAST,
-        )  # fmt: skip
+    offs_m = tl.arange(0, BLOCK_M)
+    # One flat loop over (query head of the group, query tile): the group's heads are summed here
+    # in a fixed order (deterministic, no atomics), and a single loop keeps ptxas from
+    # serializing the wgmmas (C7515), which two loops or a nested head loop carrying the three
+    # accumulators made it do. Transposed formulation: S^T = K Q^T is [BLOCK_N, BLOCK_M] so
+    # dV += P^T dO and dK += dS^T Q need no transposed register tiles.
+    for t in range(0, GROUP * n_tiles):
+        if GROUP == 1:
+            h = hk
+            start_m = lo + t * BLOCK_M
+        else:
+            g = t // n_tiles
+            h = hk * GROUP + g
+            start_m = lo + (t - g * n_tiles) * BLOCK_M
+        rows = start_m + offs_m
+        row_ok = rows < L_q
+        # rows past L_q read zeros (row masks or the descriptor's bounds) and lse = +inf: P = 0
+        q_col = h * stride_qh
+        q_a = _tile(qd_a, q_seq, q_col, start_m, offs_m, row_ok, stride_qt, D_A, True, TMA, UPCAST)
+        s_t = tl.dot(k_a, tl.trans(q_a))
+        if D_B > 0:
+            q_b = _tile(qd_b, q_seq, q_col + D_A, start_m, offs_m, row_ok, stride_qt, D_B, True,
+                        TMA, UPCAST)  # fmt: skip
+            s_t = tl.dot(k_b, tl.trans(q_b), s_t)
+        tok = (q_start + rows).to(tl.int64)
+        lse = tl.load(LSE + tok * stride_lt + h * stride_lh, mask=row_ok, other=float("inf"))
+        p_t = tl.math.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
+        # causal diagonal: key j sees query i iff j <= i + shift (a compile-time branch around a
+        # runtime one: kept apart so that non-causal kernels carry no test at all)
+        if CAUSAL:  # noqa: SIM102
+            if start_m < mid:
+                p_t = tl.where(offs_n[:, None] <= rows[None, :] + shift, p_t, 0.0)
+        do = _tile(dod, do_seq, h * stride_doh, start_m, offs_m, row_ok, stride_dot, D_V, True,
+                   TMA, UPCAST)  # fmt: skip
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        delta = tl.load(DELTA + h * stride_delh + tok, mask=row_ok, other=0.0)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+        dk_a = tl.dot(ds_t, q_a, dk_a)
+        if D_B > 0:
+            dk_b = tl.dot(ds_t, q_b, dk_b)
 
     dk_base = DK + k_rows64 * stride_dkt + hk * stride_dkh
     dk_ptrs = dk_base + offs_r[:, None] * stride_dkt + tl.arange(0, D_A)[None, :]
