@@ -11,9 +11,10 @@ Design notes (why):
   of the QK^T tensor-core work. ``S = Q_a K_a^T + Q_b K_b^T`` is two chained dots.
 - Scores live in the log2 domain (``qk_scale = softmax_scale * log2(e)``, ``exp2``): one FMA per
   element instead of a multiply plus ``exp``.
-- Every KV (forward, dQ) or Q (dK/dV) loop runs in two phases: blocks that need no mask at all,
-  then the few blocks on the causal diagonal / sequence end that do. Fully masked blocks are never
-  visited (causal early exit).
+- The KV loops (forward, dQ) run in two phases: tiles that need no mask at all, then the few on
+  the causal diagonal / sequence end that do. The dK/dV query loop is a single loop with a scalar
+  branch around the diagonal mask (see there why). Fully masked tiles are never visited (causal
+  early exit).
 - ``TMA`` (sm_90+): the K/V tiles of the forward and dQ loops and the Q/dO tiles of the dK/dV
   loop come through device-side tensor descriptors (TMA) built per program over the sequence's
   own rows instead of per-thread pointers: ~60 fewer registers (128-key forward tiles fit
@@ -59,7 +60,8 @@ def _desc(base, rows, cols, stride, D: tl.constexpr, BLOCK: tl.constexpr, TMA: t
     ``stride``), loading ``[BLOCK, D]`` tiles: loads past its end read zeros, so no masks are
     needed. None without TMA."""
     if TMA:
-        d = tl.make_tensor_descriptor(base, shape=[rows, cols], strides=[stride, 1],
+        # an empty sequence issues no loads; 1 row keeps the tensor map well formed anyway
+        d = tl.make_tensor_descriptor(base, shape=[tl.maximum(rows, 1), cols], strides=[stride, 1],
                                       block_shape=[BLOCK, D])  # fmt: skip
     else:
         d = None
