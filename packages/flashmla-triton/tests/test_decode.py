@@ -114,3 +114,40 @@ def test_backend_is_dispatched_in_interpreter():
     with flashmla.use_backend("triton"):
         out, _lse = flashmla.flash_mla_with_kvcache(**inputs)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense-bulk-copy", "fp8", "sparse-extra"])
+def test_layers_sharing_a_schedmeta(kind):
+    """One SchedMeta per decoding step, several layers with their own caches: launches are
+    built once per step and rebound to each layer's tensors (bulk-copy descriptors included)."""
+    meta = flashmla.get_mla_metadata()[0]
+    for layer in range(3):
+        if kind == "dense":
+            inputs = testing.dense_decode_inputs(
+                2, 2, 16, 0, causal=True, seqlens=[100, 140], seed=layer
+            )
+        elif kind == "dense-bulk-copy":
+            inputs = testing.dense_decode_inputs(2, 1, 16, 0, seqlens=[128, 300], seed=layer)
+        elif kind == "fp8":
+            inputs = testing.dense_decode_inputs(
+                2,
+                1,
+                16,
+                0,
+                cache_format="fp8_v32",
+                page_block_size=32,
+                seqlens=[90, 60],
+                seed=layer,
+            )
+        else:
+            inputs = testing.sparse_decode_inputs(
+                2, 1, 16, 32, s_k=100, cache_format="fp8_model1", page_block_size=61, varlen=False,
+                topk_length=True, attn_sink=True, extra_topk=32, extra_page_block_size=8, seed=layer,
+            )  # fmt: skip
+        want = testing.reference("decode", inputs)
+        with flashmla.use_backend("triton"):
+            out, lse = flashmla.flash_mla_with_kvcache(**dict(inputs, tile_scheduler_metadata=meta))
+        tol = testing.TOLERANCES["sparse_decode" if kind.startswith("sparse") else "dense_decode"]
+        testing.assert_close("out", out, want[0], tol["out"])
+        testing.assert_close("lse", lse, want[1], tol["lse"])
+    assert len(meta.plans["triton"].templates) == 1  # built once, reused by every layer

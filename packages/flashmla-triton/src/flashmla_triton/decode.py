@@ -7,7 +7,7 @@ query token its own program (its work is uniform)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -122,6 +122,8 @@ class Plan:
     schedule: Schedule
     o_acc: Tensor  # [b + parts, s_q, h_q, 512] fp32 partial outputs
     lse_acc: Tensor  # [b + parts, s_q, h_q] fp32 partial base-2 lse
+    # Launch templates by the layout of the other inputs: the layers of one step share them.
+    templates: dict[tuple, list[Launch]] = field(default_factory=dict, compare=False)
 
     @staticmethod
     def of(p: DenseDecodeProblem | SparseDecodeProblem, schedule: Schedule) -> Plan:
@@ -148,6 +150,18 @@ def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple:
         raw = cache.view(torch.uint8)
         return raw, raw.stride(0), raw.stride(1), 0, cache.shape[0]
     return cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.shape[0]
+
+
+def _descriptors(cache: Tensor, block_n: int, d_nope: int, d_rope: int) -> tuple:
+    """Bulk-copy descriptors of a plain page-contiguous cache seen as a [tokens, h_kv * d] matrix:
+    NoPE tiles and RoPE tiles of ``block_n`` tokens."""
+    rows, row_stride = cache.shape[0] * cache.shape[1], cache.stride(1)
+    view = cache.as_strided((rows, cache.shape[2] * cache.shape[3]), (row_stride, 1))
+    shape, strides = list(view.shape), [row_stride, 1]
+    return (
+        TensorDescriptor(view, shape, strides, [block_n, d_nope]),
+        TensorDescriptor(view, shape, strides, [block_n, d_rope]),
+    )
 
 
 def _tma_ok(cache: Tensor, fmt: CacheFormat, page: int, block_n: int, sparse: bool) -> bool:
@@ -199,15 +213,11 @@ def attention_launches(
                       extra_len, extra_slots.shape[2])  # fmt: skip
         page2 = extra_cache.shape[1]
     else:  # unused placeholders
-        extra_args, extra_len, page2 = (cache_t, 0, 0, 1, slots, 0, 0, None, 1), None, 1
+        extra_args, extra_len, page2 = (None, 0, 0, 1, None, 0, 0, None, 1), None, 1
     d_nope, d_rope = _dims(fmt, d)
     grid = (triton.cdiv(rows, cfg.block_m), axis1, parts)
     use_tma = cfg.tma and _tma_ok(cache, fmt, page, cfg.block_n, sparse)
-    k_desc = r_desc = None
-    if use_tma:
-        view = cache.as_strided((pages * page, cache.shape[2] * cache.shape[3]), (sr, 1))
-        k_desc = TensorDescriptor(view, list(view.shape), [sr, 1], [cfg.block_n, d_nope])
-        r_desc = TensorDescriptor(view, list(view.shape), [sr, 1], [cfg.block_n, d_rope])
+    k_desc, r_desc = _descriptors(cache, cfg.block_n, d_nope, d_rope) if use_tma else (None, None)
     args = dict(zip(mla_attention_kernel.arg_names, (
         q4, q4.stride(0), q4.stride(1), q4.stride(2),
         out4, out4.stride(0), out4.stride(1), out4.stride(2),
@@ -315,15 +325,67 @@ def sparse_prefill_launches(
     )  # fmt: skip
 
 
+def _layout(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _templated(plan: Plan, key: tuple, build, tensors: dict[str, Tensor | None]) -> list[Launch]:
+    """``build()``'s launches, built once per plan and input layout (the layers of a decoding
+    step share them), rebound to this call's tensors."""
+    templates = plan.templates.get(key)
+    if templates is None:
+        templates = plan.templates[key] = [launch.template() for launch in build()]
+        return templates
+    if templates[0].args.get("k_desc") is not None:  # descriptors point into the cache
+        k_desc = templates[0].args["k_desc"]
+        tensors["k_desc"], tensors["r_desc"] = _descriptors(
+            tensors["cache"],
+            k_desc.block_shape[0],
+            k_desc.block_shape[1],
+            templates[0].args["D_ROPE"],
+        )
+    return [t.rebind({n: v for n, v in tensors.items() if n in t.args}) for t in templates]
+
+
 def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
-    _run(dense_decode_launches(p, plan if plan is not None else plan_dense_decode(p), out, lse))
+    if plan is None:  # a one-off call: nothing to reuse
+        _run(dense_decode_launches(p, plan_dense_decode(p), out, lse))
+        return out, lse
+    key = (
+        "dense",
+        _layout(p.q),
+        _layout(p.k_cache),
+        _layout(p.block_table),
+        p.softmax_scale,
+        p.causal,
+    )
+    tensors = {
+        "q": p.q, "out": out, "lse": lse, "cache": _cache_args(p.k_cache, p.cache_format)[0],
+        "slots": p.block_table, "seqlens": p.cache_seqlens,
+    }  # fmt: skip
+    _run(_templated(plan, key, lambda: dense_decode_launches(p, plan, out, lse), tensors))
     return out, lse
 
 
 def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
-    _run(sparse_decode_launches(p, plan if plan is not None else plan_sparse_decode(p), out, lse))
+    if plan is None:  # a one-off call: nothing to reuse
+        _run(sparse_decode_launches(p, plan_sparse_decode(p), out, lse))
+        return out, lse
+    key = (
+        "sparse", _layout(p.q), _layout(p.k_cache), _layout(p.indices), _layout(p.topk_length),
+        _layout(p.attn_sink), _layout(p.extra_k_cache), _layout(p.extra_indices),
+        _layout(p.extra_topk_length), p.softmax_scale,
+    )  # fmt: skip
+    tensors = {
+        "q": p.q, "out": out, "lse": lse, "cache": _cache_args(p.k_cache, p.cache_format)[0],
+        "slots": p.indices, "seqlens": p.topk_length, "sink": p.attn_sink,
+    }  # fmt: skip
+    if p.extra_k_cache is not None:
+        tensors["cache2"] = _cache_args(p.extra_k_cache, p.cache_format)[0]
+        tensors["slots2"], tensors["seqlens2"] = p.extra_indices, p.extra_topk_length
+    _run(_templated(plan, key, lambda: sparse_decode_launches(p, plan, out, lse), tensors))
     return out, lse
 
 

@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,10 @@ _COMPILED: dict[tuple, Any] = {}
 _MAX_COMPILED = 4096  # distinct (kernel, shapes, strides) combinations kept for direct launch
 
 
+def _address(value: Any) -> int:
+    return value.data_ptr() if isinstance(value, torch.Tensor) else value.base.data_ptr()
+
+
 def _launch_key(values: list[Any]) -> tuple:
     """Everything Triton specializes a kernel on, cheaply: ints by value (so "== 1" and
     "divisible by 16" are covered), tensors by dtype and 16-byte alignment, descriptors by
@@ -34,6 +38,8 @@ def _launch_key(values: list[Any]) -> tuple:
         kind = type(v)
         if kind is torch.Tensor or isinstance(v, torch.Tensor):
             key.append((v.dtype, v.data_ptr() & 15))
+        elif kind is torch.dtype:
+            key.append(v)
         elif kind is TensorDescriptor:
             key.append((v.base.dtype, *v.block_shape))
         else:
@@ -50,6 +56,8 @@ class Launch:
     num_stages: int = 1
     constexprs: frozenset[str] = field(default_factory=frozenset)
     device: int = 0  # CUDA device index the tensors live on
+    static_key: tuple | None = None  # set by template(): the hashed non-tensor arguments
+    tensor_names: tuple[str, ...] = ()
 
     def __call__(self) -> None:
         """Launch on torch's current stream. The first launch of a specialization goes through
@@ -63,7 +71,10 @@ class Launch:
             )
             return
         values = [self.args[name] for name in self.kernel.arg_names]
-        key = (self.kernel, self.num_warps, self.num_stages, self.device, *_launch_key(values))
+        if self.static_key is None:
+            key = (self.kernel, self.num_warps, self.num_stages, self.device, *_launch_key(values))
+        else:  # only the tensors' alignment can differ from the template this came from
+            key = (self.static_key, *[_address(self.args[n]) & 15 for n in self.tensor_names])
         compiled = _COMPILED.get(key)
         if compiled is None:
             if len(_COMPILED) >= _MAX_COMPILED:
@@ -78,6 +89,21 @@ class Launch:
             compiled.function, compiled.packed_metadata, None, knobs.runtime.launch_enter_hook,
             knobs.runtime.launch_exit_hook, *values,
         )  # fmt: skip
+
+    def template(self) -> Launch:
+        """This launch as a template: everything but its tensors is fixed and hashed once, so
+        :meth:`rebind` plus a call costs little more than the kernel launch itself."""
+        names = tuple(n for n, v in self.args.items() if isinstance(v, torch.Tensor))
+        fixed = [
+            v.dtype if isinstance(v, torch.Tensor) else v
+            for v in (self.args[n] for n in self.kernel.arg_names)
+        ]
+        key = (self.kernel, self.num_warps, self.num_stages, self.device, *_launch_key(fixed))
+        return replace(self, static_key=key, tensor_names=names)
+
+    def rebind(self, tensors: dict[str, Any]) -> Launch:
+        """The template with new tensors (same dtypes, shapes and strides)."""
+        return replace(self, args={**self.args, **tensors})
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
         """Types, constants and attributes exactly as Triton's launcher specializes them
