@@ -12,5 +12,6 @@ KEXPR=${1:-}
 shift || true
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 python3 -m flashmla info
-python3 -m pytest tests -q -x -p no:cacheprovider ${KEXPR:+-k "$KEXPR"} 2>&1 | tee "$OUT/pytest.log" | tail -n 15
+python3 -m pytest tests -q -p no:cacheprovider ${KEXPR:+-k "$KEXPR"} 2>&1 | tee "$OUT/pytest.log" | tail -n 15
+python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
 python3 -m flashmla bench --json "$OUT/bench.json" "$@" 2> "$OUT/bench.log"
