@@ -368,11 +368,6 @@ def test_opcheck(name: str) -> None:
     assert set(result) == set(utils) and all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="formats.detect_cache_format looks the FP8 width up in a dict: a symbolic width is "
-    "unhashable ('unhashable type: non-nested SymInt') under dynamic shapes",
-)
 @pytest.mark.parametrize("name", sorted(FP8))
 def test_opcheck_fp8_dynamic_shapes(name: str) -> None:
     op, args = OPCHECK[name]()

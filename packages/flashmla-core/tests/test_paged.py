@@ -234,3 +234,11 @@ def test_kv_cache_bytes():
     assert P.kv_cache_bytes(P.DEEPSEEK_V3_MLA, 131072, 62, "fp8_v32") == 656 * 131072 * 62
     assert P.kv_cache_bytes(P.DEEPSEEK_V3_AS_MHA, 10, 3) == 81920 * 30
     assert P.kv_cache_bytes(P.GQA_8x128, 0, 32) == 0
+
+
+def test_slots_for_positions_rejects_slots_beyond_int32():
+    """FlashMLA's tests fill unused table entries with 2147480000; a position that lands there
+    must come back invalid (-1), not as a wrapped-around int32 slot."""
+    table = torch.tensor([[3, 2147480000]], dtype=torch.int32)
+    slots = flashmla.slots_for_positions(table, torch.tensor([[0, 63, 64, 100]]), 64)
+    assert slots.tolist() == [[192, 255, -1, -1]]

@@ -108,3 +108,33 @@ def test_attention_kernel_compiles(shape_id, cc):
         assert all(spills == 0 for _, spills in loops), f"spills in the main loop: {loops}"
         if launch.args["BLOCK_M"] >= 64:
             assert usage["hgmma"], "64-row tiles should use warpgroup MMA on sm_90"
+
+
+@pytest.mark.parametrize("cc", [80, 90, 100])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_schedule_and_combine_kernels_compile(cc, sparse):
+    from flashmla_triton.kernels.combine import combine_kernel
+    from flashmla_triton.kernels.schedule import schedule_kernel
+    from flashmla_triton.launch import Launch
+
+    i32 = torch.zeros(8, dtype=torch.int32)
+    schedule = Launch(
+        schedule_kernel, (1,),
+        dict(lengths=i32, topk_len=i32 if sparse else None, extra_len=None, b=7, topk=2048,
+             extra_topk=0, num_parts=66, metadata=i32, num_splits=i32, SPARSE=sparse,
+             HAS_TOPK_LEN=sparse, HAS_EXTRA=False, HAS_EXTRA_LEN=False, OVERHEAD=5, CHUNK=1024),
+        constexprs=frozenset({"SPARSE", "HAS_TOPK_LEN", "HAS_EXTRA", "HAS_EXTRA_LEN", "OVERHEAD", "CHUNK"}),
+    )  # fmt: skip
+    f32 = torch.zeros(8)
+    combine = Launch(
+        combine_kernel, (1, 1),
+        dict(o_acc=f32, lse_acc=f32, stride_ab=256, stride_at=128, stride_ah=1, num_splits=i32,
+             out=torch.zeros(8, dtype=torch.bfloat16), stride_ob=1024, stride_ot=512, stride_oh=512,
+             lse=f32, stride_lb=256, stride_lt=1, stride_lh=2, sink=f32 if sparse else None,
+             s_q=2, h_q=128, HAS_SINK=sparse, BLOCK_H=16, D_V=512, UPCAST=False),
+        constexprs=frozenset({"HAS_SINK", "BLOCK_H", "D_V", "UPCAST"}),
+    )  # fmt: skip
+    for launch in (schedule, combine):
+        usage = resource_usage(launch.compile(cc))
+        print(f"{launch.kernel.__name__} sm_{cc}: {usage}")
+        assert usage["stack"] == 0

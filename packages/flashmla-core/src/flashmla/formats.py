@@ -67,7 +67,7 @@ def detect_cache_format(argument: str, cache: torch.Tensor, is_fp8: bool) -> Cac
                 "an FP8 cache must be float8_e4m3fn, int8 or uint8 bytes",
                 cache.dtype,
             )
-        fmt = FP8_FORMAT_BY_WIDTH.get(cache.shape[-1])
+        fmt = FP8_FORMAT_BY_WIDTH.get(int(cache.shape[-1]))  # int(): SymInts are not hashable
         if fmt is None:
             raise ShapeError(
                 argument,

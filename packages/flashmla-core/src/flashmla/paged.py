@@ -86,14 +86,15 @@ def slots_for_positions(block_table: Tensor, positions: Tensor, page_block_size:
     """Flat slots of logical token ``positions [b, ...]`` of each request (int32, same shape).
 
     Positions that are negative or beyond the block table's capacity map to ``-1`` (invalid),
-    as do positions whose page id is negative."""
+    as do positions whose page id is negative or whose slot would not fit in int32 (such as
+    FlashMLA's unused-entry filler 2147480000)."""
     b, width = block_table.shape
     pos = positions.to(torch.int64)
     valid = (pos >= 0) & (pos < width * page_block_size)
     page_idx = torch.where(valid, pos // page_block_size, 0).reshape(b, -1)
     pages = torch.gather(block_table.to(torch.int64), 1, page_idx).reshape(pos.shape)
     slots = pages * page_block_size + pos % page_block_size
-    return torch.where(valid & (pages >= 0), slots, -1).to(torch.int32)
+    return torch.where(valid & (pages >= 0) & (slots < 2**31), slots, -1).to(torch.int32)
 
 
 # --------------------------------------------------------------------------------------------

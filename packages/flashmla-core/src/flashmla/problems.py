@@ -290,6 +290,17 @@ def build_dense_decode(
     )  # fmt: skip
 
 
+def _check_sink(attn_sink: object, h_q: int, device: torch.device) -> torch.Tensor:
+    """Per-head attention sink: float32 ``[h_q]`` contiguous, natural-log units."""
+    sink = need_tensor("attn_sink", attn_sink)
+    need_device("attn_sink", sink, device)
+    need_dtype("attn_sink", sink, (torch.float32,))
+    need_ndim("attn_sink", sink, 1, "[h_q]")
+    need_size("attn_sink", sink, 0, h_q, "h_q")
+    need_contiguous("attn_sink", sink)
+    return sink
+
+
 def _check_indices(name: str, t: object, b: int, s_q: int, device: torch.device) -> torch.Tensor:
     t = need_tensor(name, t)
     need_device(name, t, device)
@@ -336,12 +347,7 @@ def build_sparse_decode(
         topk_length = need_int_vector("topk_length", topk_length, b, q.device, "b")
         features.add("topk_length")
     if attn_sink is not None:
-        attn_sink = need_tensor("attn_sink", attn_sink)
-        need_device("attn_sink", attn_sink, q.device)
-        need_dtype("attn_sink", attn_sink, (torch.float32,))
-        need_ndim("attn_sink", attn_sink, 1, "[h_q]")
-        need_size("attn_sink", attn_sink, 0, h_q, "h_q")
-        need_contiguous("attn_sink", attn_sink)
+        attn_sink = _check_sink(attn_sink, h_q, q.device)
         features.add("attn_sink")
     if extra_k_cache is not None:
         _check_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache, same_as=fmt)
@@ -445,12 +451,7 @@ def build_sparse_prefill(
     need_last_dim_contiguous("indices", indices)
     features = set()
     if attn_sink is not None:
-        attn_sink = need_tensor("attn_sink", attn_sink)
-        need_device("attn_sink", attn_sink, q.device)
-        need_dtype("attn_sink", attn_sink, (torch.float32,))
-        need_ndim("attn_sink", attn_sink, 1, "[h_q]")
-        need_size("attn_sink", attn_sink, 0, h_q, "h_q")
-        need_contiguous("attn_sink", attn_sink)
+        attn_sink = _check_sink(attn_sink, h_q, q.device)
         features.add("attn_sink")
     if topk_length is not None:
         topk_length = need_int_vector("topk_length", topk_length, s_q, q.device, "s_q")

@@ -71,25 +71,21 @@ def schedule_kernel(
         begin_split = split
         budget = payload
         going = req < b
+        # Length and blocks of the request the part ends in (last one it finished, or the one
+        # it took a piece of); every working part does one or the other.
+        end_len = 0
+        end_blocks = 0
         while going:
-            n_req = _length(
-                lengths,
-                topk_len,
-                extra_len,
-                req,
-                topk,
-                extra_topk,
-                SPARSE,
-                HAS_TOPK_LEN,
-                HAS_EXTRA,
-                HAS_EXTRA_LEN,
-            )
+            n_req = _length(lengths, topk_len, extra_len, req, topk, extra_topk, SPARSE,
+                            HAS_TOPK_LEN, HAS_EXTRA, HAS_EXTRA_LEN)  # fmt: skip
             blocks = tl.maximum(n_req - 1, 0) // 64 + 1
             need = blocks - blk + OVERHEAD
             if budget >= need:  # finish this request
                 budget -= need
                 done_splits += split + 1
                 tl.store(num_splits + req + 1, done_splits)
+                end_len = n_req
+                end_blocks = blocks
                 req += 1
                 blk = 0
                 split = 0
@@ -98,54 +94,23 @@ def schedule_kernel(
                 if budget - OVERHEAD > 0:
                     blk += budget - OVERHEAD
                     split += 1
+                    end_len = n_req
+                    end_blocks = blocks
                 going = False
+        # The row; a part that starts past the last request is idle: [b, b - 1, 0, ...].
+        end_req = tl.where(blk > 0, req, req - 1)
+        end_blk = tl.where(blk > 0, blk, tl.where(end_len == 0, 0, end_blocks))
+        first = begin_blk != 0
+        last = (end_blk != end_blocks) & (end_len != 0)
+        either = first | last
+        idle = begin_req >= b
+        single = begin_req == end_req
         row = metadata + part * 8
-        if begin_req >= b:
-            tl.store(row, b)
-            tl.store(row + 1, b - 1)
-            for f in tl.static_range(2, 8):
-                tl.store(row + f, 0)
-        else:
-            if blk > 0:
-                end_req = req
-                end_blk = blk
-            else:
-                end_req = req - 1
-                prev = _length(
-                    lengths,
-                    topk_len,
-                    extra_len,
-                    end_req,
-                    topk,
-                    extra_topk,
-                    SPARSE,
-                    HAS_TOPK_LEN,
-                    HAS_EXTRA,
-                    HAS_EXTRA_LEN,
-                )
-                end_blk = tl.where(prev == 0, 0, tl.maximum(prev - 1, 0) // 64 + 1)
-            n_end = _length(
-                lengths,
-                topk_len,
-                extra_len,
-                end_req,
-                topk,
-                extra_topk,
-                SPARSE,
-                HAS_TOPK_LEN,
-                HAS_EXTRA,
-                HAS_EXTRA_LEN,
-            )
-            first = begin_blk != 0
-            last = (end_blk != tl.maximum(n_end - 1, 0) // 64 + 1) & (n_end != 0)
-            if begin_req == end_req:
-                first = first | last
-                last = first
-            tl.store(row, begin_req)
-            tl.store(row + 1, end_req)
-            tl.store(row + 2, begin_blk)
-            tl.store(row + 3, end_blk)
-            tl.store(row + 4, begin_split)
-            tl.store(row + 5, first.to(tl.int32))
-            tl.store(row + 6, last.to(tl.int32))
-            tl.store(row + 7, 0)
+        tl.store(row, begin_req)
+        tl.store(row + 1, tl.where(idle, b - 1, end_req))
+        tl.store(row + 2, tl.where(idle, 0, begin_blk))
+        tl.store(row + 3, tl.where(idle, 0, end_blk))
+        tl.store(row + 4, tl.where(idle, 0, begin_split))
+        tl.store(row + 5, tl.where(idle, 0, tl.where(single, either, first).to(tl.int32)))
+        tl.store(row + 6, tl.where(idle, 0, tl.where(single, either, last).to(tl.int32)))
+        tl.store(row + 7, 0)
