@@ -16,7 +16,7 @@ from .problems import (
     decode_config,
 )
 from .registry import REGISTRY
-from .scheduler import SchedMeta, Schedule
+from .scheduler import DecodeConfig, SchedMeta, Schedule
 
 
 def run_decode(
@@ -29,20 +29,19 @@ def run_decode(
     old-style tensors already live in ``p.schedule``)."""
     op = p.facts.op
     backend = REGISTRY.select(p.facts)
-    impl = backend.module()
-    planner = getattr(impl, f"plan_{op}", None)
+    run, planner = _functions(backend, op)
     plan: Any = None
     if isinstance(meta, SchedMeta):
         config = decode_config(p, causal, is_fp8_kvcache)
         if not meta.have_initialized:
-            meta.config = config
+            meta.config = DecodeConfig(*config)
             meta.have_initialized = True
-        elif meta.config != config:
+        elif meta.config_key != config:
             raise SchedMetaMismatchError(
                 "tile_scheduler_metadata",
                 "a SchedMeta is bound to the config of its first call; use a new "
                 f"get_mla_metadata() for this one (first: {meta.config})",
-                config,
+                DecodeConfig(*config),
             )
         if planner is not None:
             plan = meta.plans.get(backend.name)
@@ -53,7 +52,20 @@ def run_decode(
                     meta.tile_scheduler_metadata, meta.num_splits = schedule
     elif planner is not None:
         plan = planner(p)
-    return getattr(impl, op)(p, plan)
+    return run(p, plan)
+
+
+_FUNCTIONS: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+
+def _functions(backend, op: str) -> tuple[Any, Any]:
+    """The backend's ``op`` and ``plan_<op>`` functions (looked up once)."""
+    key = (id(backend), op)
+    found = _FUNCTIONS.get(key)
+    if found is None:
+        impl = backend.module()
+        found = _FUNCTIONS[key] = (getattr(impl, op), getattr(impl, f"plan_{op}", None))
+    return found
 
 
 def run_sparse_prefill(p: SparsePrefillProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 
 from .errors import DeviceError, DTypeError, InvalidArgumentError, LayoutError, ShapeError
 from .formats import CacheFormat, detect_cache_format
-from .scheduler import DecodeConfig, SchedMeta, Schedule
+from .scheduler import SchedMeta, Schedule
 
 MAX_PAGE_SIZE = 1024
 DECODE_DV = 512
@@ -142,8 +142,15 @@ def need_page_size(name: str, cache: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------
 # Decode (dense and sparse share the metadata handling)
 
+# Dense decode's feature sets by (s_q > 1, causal), built once: calls are latency-critical.
+_DENSE_FEATURES = {
+    (mtp, causal): frozenset(name for name, on in (("mtp", mtp), ("causal", causal)) if on)
+    for mtp in (False, True)
+    for causal in (False, True)
+}
 
-@dataclass(frozen=True, eq=False)
+
+@dataclass(eq=False, slots=True)
 class DenseDecodeProblem:
     facts: Facts
     q: torch.Tensor  # [b, s_q, h_q, d]
@@ -162,7 +169,7 @@ class DenseDecodeProblem:
         return out, self.q.new_empty((b, h_q, s_q), dtype=torch.float32)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class SparseDecodeProblem:
     facts: Facts
     q: torch.Tensor  # [b, s_q, h_q, d_qk] bf16
@@ -275,14 +282,12 @@ def build_dense_decode(
     need_size("block_table", block_table, 0, b, "b")
     need_last_dim_contiguous("block_table", block_table)
     cache_seqlens = need_int_vector("cache_seqlens", cache_seqlens, b, q.device, "b")
-    causal = need_bool("causal", causal) and s_q > 1
+    mtp = bool(s_q > 1)  # bool(): a symbolic s_q under torch.compile becomes a guard
+    causal = need_bool("causal", causal) and mtp
     schedule = _check_metadata(tile_scheduler_metadata, num_splits, b, q.device)
-    features = {"mtp"} if s_q > 1 else set()
-    if causal:
-        features.add("causal")
     facts = Facts(
         "dense_decode", q.device, q.dtype, fmt, (d, DECODE_DV), h_q, h_kv, s_q,
-        k_cache.shape[1], None, frozenset(features),
+        k_cache.shape[1], None, _DENSE_FEATURES[mtp, causal],
     )  # fmt: skip
     return DenseDecodeProblem(
         facts, q, k_cache, block_table, cache_seqlens,
@@ -379,25 +384,32 @@ def build_sparse_decode(
     )  # fmt: skip
 
 
-def decode_config(
-    p: DenseDecodeProblem | SparseDecodeProblem, causal: bool, is_fp8: bool
-) -> DecodeConfig:
-    """The config FlashMLA records in a SchedMeta on first use (the *requested* causal flag)."""
+def decode_config(p: DenseDecodeProblem | SparseDecodeProblem, causal: bool, is_fp8: bool) -> tuple:
+    """The fields of the :class:`DecodeConfig` FlashMLA records in a SchedMeta on first use
+    (with the *requested* causal flag), as a plain tuple: cheap to build and compare per call."""
     b, s_q, h_q, _ = p.q.shape
-    extra = getattr(p, "extra_k_cache", None)
-    extra_idx = getattr(p, "extra_indices", None)
-    return DecodeConfig(
-        b, s_q, h_q, p.k_cache.shape[1], p.k_cache.shape[2], causal, is_fp8, p.facts.topk,
-        None if extra is None else extra.shape[1],
-        None if extra_idx is None else extra_idx.shape[2],
-    )  # fmt: skip
+    if isinstance(p, SparseDecodeProblem) and p.extra_k_cache is not None:
+        extra = (p.extra_k_cache.shape[1], p.extra_indices.shape[2])
+    else:
+        extra = (None, None)
+    return (
+        b,
+        s_q,
+        h_q,
+        p.k_cache.shape[1],
+        p.k_cache.shape[2],
+        causal,
+        is_fp8,
+        p.facts.topk,
+        *extra,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Sparse prefill
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class SparsePrefillProblem:
     facts: Facts
     q: torch.Tensor  # [s_q, h_q, d_qk] bf16
@@ -470,7 +482,7 @@ def build_sparse_prefill(
 # Dense MHA prefill (varlen)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class MhaProblem:
     facts: Facts
     q: torch.Tensor  # [total_q, h_q, d_qk]
@@ -548,7 +560,7 @@ def build_mha(
 # Paged-cache write
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class CacheWriteProblem:
     facts: Facts
     kv_cache: torch.Tensor  # [num_blocks, B, h_kv, width]

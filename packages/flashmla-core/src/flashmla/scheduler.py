@@ -23,7 +23,7 @@ Metadata row (int32 x 8) per part::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -72,6 +72,16 @@ class SchedMeta:
     tile_scheduler_metadata: torch.Tensor | None = None
     num_splits: torch.Tensor | None = None
     plans: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_key(self) -> tuple | None:
+        """The recorded config as a plain tuple (what each call compares against)."""
+        if self.config is None:
+            return None
+        key = self.__dict__.get("_config_key")
+        if key is None or key[0] is not self.config:
+            key = self.__dict__["_config_key"] = (self.config, astuple(self.config))
+        return key[1]
 
 
 def device_sm_count(device: torch.device) -> int:
