@@ -329,22 +329,27 @@ def _layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype)
 
 
-def _templated(plan: Plan, key: tuple, build, tensors: dict[str, Tensor | None]) -> list[Launch]:
-    """``build()``'s launches, built once per plan and input layout (the layers of a decoding
-    step share them), rebound to this call's tensors."""
+def _run_templated(plan: Plan, key: tuple, build, tensors: dict[str, Tensor | None]) -> None:
+    """Run ``build()``'s launches, built once per plan and input layout (the layers of a
+    decoding step share them) and relaunched with this call's tensors."""
     templates = plan.templates.get(key)
     if templates is None:
         templates = plan.templates[key] = [launch.template() for launch in build()]
-        return templates
-    if templates[0].args.get("k_desc") is not None:  # descriptors point into the cache
-        k_desc = templates[0].args["k_desc"]
+        _run(templates)
+        return
+    k_desc = templates[0].args.get("k_desc")
+    if k_desc is not None:  # descriptors point into this call's cache
         tensors["k_desc"], tensors["r_desc"] = _descriptors(
-            tensors["cache"],
-            k_desc.block_shape[0],
-            k_desc.block_shape[1],
-            templates[0].args["D_ROPE"],
+            tensors["cache"], *k_desc.block_shape, templates[0].args["D_ROPE"]
         )
-    return [t.rebind({n: v for n, v in tensors.items() if n in t.args}) for t in templates]
+    device = templates[0].device
+    if INTERPRET or device == torch.cuda.current_device():
+        for template in templates:
+            template.run_with(tensors)
+        return
+    with torch.cuda.device(device):
+        for template in templates:
+            template.run_with(tensors)
 
 
 def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
@@ -364,7 +369,7 @@ def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tens
         "q": p.q, "out": out, "lse": lse, "cache": _cache_args(p.k_cache, p.cache_format)[0],
         "slots": p.block_table, "seqlens": p.cache_seqlens,
     }  # fmt: skip
-    _run(_templated(plan, key, lambda: dense_decode_launches(p, plan, out, lse), tensors))
+    _run_templated(plan, key, lambda: dense_decode_launches(p, plan, out, lse), tensors)
     return out, lse
 
 
@@ -385,7 +390,7 @@ def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Te
     if p.extra_k_cache is not None:
         tensors["cache2"] = _cache_args(p.extra_k_cache, p.cache_format)[0]
         tensors["slots2"], tensors["seqlens2"] = p.extra_indices, p.extra_topk_length
-    _run(_templated(plan, key, lambda: sparse_decode_launches(p, plan, out, lse), tensors))
+    _run_templated(plan, key, lambda: sparse_decode_launches(p, plan, out, lse), tensors)
     return out, lse
 
 

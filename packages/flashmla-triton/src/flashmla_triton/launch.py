@@ -92,8 +92,10 @@ class Launch:
 
     def template(self) -> Launch:
         """This launch as a template: everything but its tensors is fixed and hashed once, so
-        :meth:`rebind` plus a call costs little more than the kernel launch itself."""
-        names = tuple(n for n, v in self.args.items() if isinstance(v, torch.Tensor))
+        :meth:`run_with` costs little more than the kernel launch itself."""
+        names = tuple(
+            n for n, v in self.args.items() if isinstance(v, (torch.Tensor, TensorDescriptor))
+        )
         fixed = [
             v.dtype if isinstance(v, torch.Tensor) else v
             for v in (self.args[n] for n in self.kernel.arg_names)
@@ -101,9 +103,40 @@ class Launch:
         key = (self.kernel, self.num_warps, self.num_stages, self.device, *_launch_key(fixed))
         return replace(self, static_key=key, tensor_names=names)
 
-    def rebind(self, tensors: dict[str, Any]) -> Launch:
-        """The template with new tensors (same dtypes, shapes and strides)."""
-        return replace(self, args={**self.args, **tensors})
+    def run_with(self, tensors: dict[str, Any]) -> None:
+        """Launch this template with new tensors (same dtypes, shapes and strides) in place of
+        its own; names it does not take are ignored."""
+        if INTERPRET or not all(g > 0 for g in self.grid):
+            replace(
+                self, args={**self.args, **{n: v for n, v in tensors.items() if n in self.args}}
+            )()
+            return
+        order = self.kernel.arg_names
+        slots = self.__dict__.get("_slots")
+        if slots is None:  # first use: where each tensor goes in the argument list
+            slots = self.__dict__["_slots"] = {n: order.index(n) for n in self.tensor_names}
+            self.__dict__["_values"] = [self.args[n] for n in order]
+        values = list(self.__dict__["_values"])
+        for name, value in tensors.items():
+            index = slots.get(name)
+            if index is not None:
+                values[index] = value
+        key = (self.static_key, *[_address(values[i]) & 15 for i in slots.values()])
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            args = dict(zip(order, values))
+            if len(_COMPILED) >= _MAX_COMPILED:
+                _COMPILED.clear()
+            _COMPILED[key] = self.kernel[self.grid](
+                **args, num_warps=self.num_warps, num_stages=self.num_stages
+            )
+            return
+        grid = (*self.grid, 1, 1)
+        compiled.run(
+            grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device),
+            compiled.function, compiled.packed_metadata, None, knobs.runtime.launch_enter_hook,
+            knobs.runtime.launch_exit_hook, *values,
+        )  # fmt: skip
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
         """Types, constants and attributes exactly as Triton's launcher specializes them
