@@ -266,15 +266,22 @@ def attention_launches(
     return launches
 
 
-def _run(launches: list[Launch]) -> None:
-    device = launches[0].device
-    if INTERPRET or device == torch.cuda.current_device():
+def _run(launches: list[Launch], tensors: dict[str, Tensor | None] | None = None) -> None:
+    """Launch in order (templates with ``tensors`` in place of their own), on the tensors'
+    device: Triton compiles and launches for the current one."""
+
+    def launch_all() -> None:
         for launch in launches:
-            launch()
+            if tensors is None:
+                launch()
+            else:
+                launch.run_with(tensors)
+
+    if INTERPRET or launches[0].device == torch.cuda.current_device():
+        launch_all()
         return
-    with torch.cuda.device(device):  # Triton compiles and launches for the current device
-        for launch in launches:
-            launch()
+    with torch.cuda.device(launches[0].device):
+        launch_all()
 
 
 def dense_decode_launches(
@@ -342,14 +349,7 @@ def _run_templated(plan: Plan, key: tuple, build, tensors: dict[str, Tensor | No
         tensors["k_desc"], tensors["r_desc"] = _descriptors(
             tensors["cache"], *k_desc.block_shape, templates[0].args["D_ROPE"]
         )
-    device = templates[0].device
-    if INTERPRET or device == torch.cuda.current_device():
-        for template in templates:
-            template.run_with(tensors)
-        return
-    with torch.cuda.device(device):
-        for template in templates:
-            template.run_with(tensors)
+    _run(templates, tensors)
 
 
 def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
