@@ -19,16 +19,16 @@ from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, SparsePre
 from flashmla.scheduler import OVERHEAD_BLOCKS, Schedule, device_sm_count
 
 from . import INTERPRET
-from .kernels.attention import LOG2E, mla_attention_kernel
+from .kernels.attention import FMT_MODEL1, FMT_PLAIN, FMT_V32, LOG2E, mla_attention_kernel
 from .kernels.combine import combine_kernel
 from .kernels.schedule import schedule_kernel
 from .launch import Launch
 
 FMT_CODE = {
-    CacheFormat.BF16: 0,
-    CacheFormat.FP16: 0,
-    CacheFormat.FP8_V32: 1,
-    CacheFormat.FP8_MODEL1: 2,
+    CacheFormat.BF16: FMT_PLAIN,
+    CacheFormat.FP16: FMT_PLAIN,
+    CacheFormat.FP8_V32: FMT_V32,
+    CacheFormat.FP8_MODEL1: FMT_MODEL1,
 }
 
 

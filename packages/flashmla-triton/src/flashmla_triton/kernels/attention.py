@@ -18,6 +18,10 @@ Token sources: ``SPARSE=False`` reads logical tokens through the block table; ``
 reads flat slots from an index list. Cache formats (``FMT``): 0 plain bf16/fp16 rows, 1 FP8 V3.2
 (656-byte records), 2 FP8 MODEL1 (block-planar pages). Invalid tokens are masked loads (never a
 memory access) and ``-inf`` scores.
+
+Variants: ``TRANS`` swaps the roles of tokens and query rows (for h_q <= 32, so Hopper's
+warpgroup MMA still applies); ``USE_TMA`` fetches whole tiles of plain page-contiguous caches
+with bulk tensor copies. ``NOTES.md`` beside the package records what each measured.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 FMT_PLAIN, FMT_V32, FMT_MODEL1 = 0, 1, 2
 
