@@ -20,6 +20,8 @@ def _summary(op: str, support: OpSupport) -> str:
     parts.append("/".join(sorted(str(d).removeprefix("torch.") for d in support.dtypes)))
     if support.cache_formats is not None:
         parts.append("/".join(sorted(str(f) for f in support.cache_formats)))
+    if support.head_dims is not None:
+        parts.append("dims " + ",".join(f"{a}/{b}" for a, b in sorted(support.head_dims)))
     if support.h_q is not None:
         parts.append(f"h_q {sorted(support.h_q)}")
     if op in ("dense_decode", "sparse_decode", "cache_write"):
