@@ -15,7 +15,7 @@ from .problems import (
     SparsePrefillProblem,
     decode_config,
 )
-from .registry import REGISTRY
+from .registry import REGISTRY, Backend
 from .scheduler import DecodeConfig, SchedMeta, Schedule
 
 
@@ -55,16 +55,12 @@ def run_decode(
     return run(p, plan)
 
 
-_FUNCTIONS: dict[tuple[int, str], tuple[Any, Any]] = {}
-
-
-def _functions(backend, op: str) -> tuple[Any, Any]:
-    """The backend's ``op`` and ``plan_<op>`` functions (looked up once)."""
-    key = (id(backend), op)
-    found = _FUNCTIONS.get(key)
+def _functions(backend: Backend, op: str) -> tuple[Any, Any]:
+    """The backend's ``op`` and ``plan_<op>`` functions (looked up once per backend object)."""
+    found = backend.functions.get(op)
     if found is None:
         impl = backend.module()
-        found = _FUNCTIONS[key] = (getattr(impl, op), getattr(impl, f"plan_{op}", None))
+        found = backend.functions[op] = (getattr(impl, op), getattr(impl, f"plan_{op}", None))
     return found
 
 

@@ -154,6 +154,7 @@ class Backend:
     _module: ModuleType | None = None
     _error: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    functions: dict[str, tuple] = field(default_factory=dict, repr=False)  # op -> (run, plan)
 
     @property
     def name(self) -> str:
