@@ -75,20 +75,7 @@ class Launch:
             key = (self.kernel, self.num_warps, self.num_stages, self.device, *_launch_key(values))
         else:  # only the tensors' alignment can differ from the template this came from
             key = (self.static_key, *[_address(self.args[n]) & 15 for n in self.tensor_names])
-        compiled = _COMPILED.get(key)
-        if compiled is None:
-            if len(_COMPILED) >= _MAX_COMPILED:
-                _COMPILED.clear()
-            _COMPILED[key] = self.kernel[self.grid](
-                **self.args, num_warps=self.num_warps, num_stages=self.num_stages
-            )
-            return
-        grid = (*self.grid, 1, 1)
-        compiled.run(
-            grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device),
-            compiled.function, compiled.packed_metadata, None, knobs.runtime.launch_enter_hook,
-            knobs.runtime.launch_exit_hook, *values,
-        )  # fmt: skip
+        self._launch(key, values)
 
     def template(self) -> Launch:
         """This launch as a template: everything but its tensors is fixed and hashed once, so
@@ -121,12 +108,16 @@ class Launch:
             index = slots.get(name)
             if index is not None:
                 values[index] = value
-        key = (self.static_key, *[_address(values[i]) & 15 for i in slots.values()])
+        self._launch((self.static_key, *[_address(values[i]) & 15 for i in slots.values()]), values)
+
+    def _launch(self, key: tuple, values: list[Any]) -> None:
+        """The compiled kernel for ``key`` launched on ``values`` (all parameters in order);
+        the first time, Triton's JIT launches it and hands the compiled kernel back."""
         compiled = _COMPILED.get(key)
         if compiled is None:
-            args = dict(zip(order, values))
             if len(_COMPILED) >= _MAX_COMPILED:
                 _COMPILED.clear()
+            args = dict(zip(self.kernel.arg_names, values))
             _COMPILED[key] = self.kernel[self.grid](
                 **args, num_warps=self.num_warps, num_stages=self.num_stages
             )
