@@ -1,0 +1,249 @@
+// Split-KV decode plumbing: the schedule (contract §6.1) and the combine of split requests (§6.3).
+//
+// schedule: FlashMLA's greedy split, one CTA. The threads compute every request's block count
+// (and the total cost) in parallel and stage the counts in shared memory; then one thread walks
+// the greedy, which is sequential by nature (each part starts where the previous one stopped),
+// as FlashMLA's one-warp metadata kernel does. Lengths are read on the device, so a captured CUDA
+// graph reschedules on replay. Output is bit-identical to flashmla.scheduler.split_kv_schedule.
+//
+// combine: one warp per (request, query token, head); a lane owns 16 of the 512 output columns.
+// Requests done in one piece were written by the attention kernel and are skipped.
+//
+// Defines: DTYPE_FP16 (output element type of combine), SCHED_THREADS, SCHED_CHUNK.
+#include "common.cuh"
+
+#ifndef SCHED_THREADS
+#define SCHED_THREADS 256
+#endif
+#ifndef SCHED_CHUNK
+#define SCHED_CHUNK 8192  // requests staged in shared memory at a time (32 KiB)
+#endif
+
+constexpr int SCHED_BLOCK = 64;  // KV tokens (dense) or index entries (sparse) per block
+constexpr int COMBINE_WARPS = 8;
+constexpr int D_V = 512;
+
+// ---------------------------------------------------------------------------------------------
+// Schedule
+
+struct ScheduleParams {
+  const int* lengths;        // dense: cache_seqlens [b]; sparse: topk_length [b] or null
+  const int* extra_lengths;  // sparse: extra_topk_length [b] or null
+  int* metadata;             // [num_parts, 8]
+  int* num_splits;           // [b + 1]
+  int b;
+  int num_parts;
+  int sparse;      // 0: lengths are cache_seqlens
+  int topk;        // sparse without topk_length: every request's length
+  int has_extra;   // sparse with an extra cache
+  int extra_topk;  // extra cache without extra_topk_length: every request's extra length
+  int overhead;    // fixed cost of a piece, in blocks
+};
+
+// Request r's block count (>= 1), negated when its scheduled length is 0: the row of a part
+// that ends on an empty request differs (end_block 0, never "split").
+DEV int sched_code(const ScheduleParams& p, int r) {
+  long long n;
+  if (!p.sparse) {
+    n = p.lengths[r];
+  } else {
+    // As flashmla.scheduler.sparse_lengths: topk_length clamped to >= 1, topk as it is.
+    n = p.lengths != nullptr ? max(p.lengths[r], 1) : p.topk;
+    if (p.has_extra) {
+      n = n >= 0 ? (n + 63) / 64 * 64 : -((-n) / 64 * 64);  // Python's (n + 63) // 64 * 64
+      n += p.extra_lengths != nullptr ? p.extra_lengths[r] : p.extra_topk;
+    }
+  }
+  const int blocks = (int)((n > 1 ? n - 1 : 0) / SCHED_BLOCK) + 1;
+  return n == 0 ? -blocks : blocks;
+}
+
+extern "C" __global__ void __launch_bounds__(SCHED_THREADS) schedule(const ScheduleParams p) {
+  __shared__ int codes[SCHED_CHUNK];
+  __shared__ unsigned long long total_cost;
+  __shared__ int more;
+  const int tid = threadIdx.x;
+  if (tid == 0) total_cost = 0;
+  __syncthreads();
+
+  // Pass 1: total cost = sum(blocks + overhead); the first chunk of codes is staged on the way.
+  long long mine = 0;
+  for (int r = tid; r < p.b; r += SCHED_THREADS) {
+    const int c = sched_code(p, r);
+    mine += (c < 0 ? -c : c) + p.overhead;
+    if (r < SCHED_CHUNK) codes[r] = c;
+  }
+  atomicAdd(&total_cost, (unsigned long long)mine);
+  __syncthreads();
+  const long long payload =
+      ((long long)total_cost + p.num_parts - 1) / p.num_parts + p.overhead;
+
+  // Pass 2 (thread 0): the greedy fill, one part after another. The walk pauses when it needs
+  // a request past the staged chunk; the block stages the next chunk and thread 0 resumes.
+  int part = 0, req = 0, blk = 0, split = 0, done = 0;
+  int begin_req = 0, begin_blk = 0, begin_split = 0;
+  int end_blocks = 0;     // blocks of the request the part ends in (finished or cut)
+  bool end_empty = true;  // ... and whether its length is 0
+  bool open = false;      // the current part has started
+  long long budget = 0;
+  if (tid == 0) p.num_splits[0] = 0;
+  for (int base = 0;; base += SCHED_CHUNK) {
+    if (base > 0) {
+      for (int r = tid; r < SCHED_CHUNK && base + r < p.b; r += SCHED_THREADS)
+        codes[r] = sched_code(p, base + r);
+      __syncthreads();
+    }
+    if (tid == 0) {
+      while (part < p.num_parts) {
+        if (!open) {
+          open = true;
+          begin_req = req, begin_blk = blk, begin_split = split;
+          budget = payload, end_blocks = 0, end_empty = true;
+        }
+        bool close = true;
+        if (req < p.b) {
+          if (req >= base + SCHED_CHUNK) break;  // resume with the next chunk
+          const int c = codes[req - base];
+          const int blocks = c < 0 ? -c : c;
+          const long long need = blocks - blk + p.overhead;
+          if (budget >= need) {  // finish this request, go on with the next
+            budget -= need;
+            done += split + 1;
+            p.num_splits[req + 1] = done;
+            end_blocks = blocks, end_empty = c < 0;
+            ++req, blk = 0, split = 0;
+            close = false;
+          } else if (budget - p.overhead > 0) {  // take what fits of it and stop
+            blk += (int)(budget - p.overhead);
+            ++split;
+            end_blocks = blocks, end_empty = c < 0;
+          }
+        }
+        if (close) {
+          // A part that starts past the last request is idle: [b, b - 1, 0, ...].
+          const bool idle = begin_req >= p.b;
+          const int end_req = blk > 0 ? req : req - 1;
+          const int end_blk = blk > 0 ? blk : (end_empty ? 0 : end_blocks);
+          const bool first = begin_blk != 0;
+          const bool last = end_blk != end_blocks && !end_empty;
+          const bool single = begin_req == end_req;
+          int* row = p.metadata + 8 * part;
+          row[0] = begin_req;
+          row[1] = idle ? p.b - 1 : end_req;
+          row[2] = idle ? 0 : begin_blk;
+          row[3] = idle ? 0 : end_blk;
+          row[4] = idle ? 0 : begin_split;
+          row[5] = idle ? 0 : (int)(single ? (first || last) : first);
+          row[6] = idle ? 0 : (int)(single ? (first || last) : last);
+          row[7] = 0;
+          ++part;
+          open = false;
+        }
+      }
+      more = part < p.num_parts;
+    }
+    __syncthreads();  // thread 0 is done with the chunk; everyone reads `more`
+    if (!more) break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+
+struct CombineParams {
+  const float* o_acc;    // [slots, s_q, h_q, 512] contiguous
+  const float* lse_acc;  // [slots, s_q, h_q] contiguous, base 2, -inf for an empty piece
+  const int* num_splits;  // [b + 1]
+  u16* out;              // [b, s_q, h_q, 512], unit last stride
+  float* lse;            // natural log
+  const float* sink;     // [h_q] natural log, or null
+  i64 out_sb, out_st, out_sh;  // element strides of out
+  i64 lse_sb, lse_st, lse_sh;  // element strides of lse
+  int s_q;
+  int h_q;
+};
+
+DEV float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+DEV float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+extern "C" __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine(const CombineParams p) {
+#if __CUDA_ARCH__ >= 900
+  // Launched with programmatic dependent launch, the accumulators are ready only after this
+  // (a no-op otherwise).
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  const int lane = threadIdx.x & 31;
+  const int h = blockIdx.y * COMBINE_WARPS + (threadIdx.x >> 5);
+  const int i = blockIdx.x / p.s_q, t = blockIdx.x % p.s_q;
+  const int begin = p.num_splits[i], end = p.num_splits[i + 1];
+  if (end - begin <= 1 || h >= p.h_q) return;  // whole warps leave together
+
+  const i64 slot_stride = (i64)p.s_q * p.h_q;  // rows per accumulator slot
+  const i64 row = (i64)t * p.h_q + h;
+  const float* lse_row = p.lse_acc + row;
+
+  // G = log2(sum_j 2^l_j), the max taken out first (0 when every piece is empty).
+  float m = -F_INF;
+  for (int j = begin + lane; j < end; j += 32) m = fmaxf(m, lse_row[j * slot_stride]);
+  m = warp_max(m);
+  const float m_safe = m == -F_INF ? 0.f : m;
+  float s = 0.f;
+  for (int j = begin + lane; j < end; j += 32) s += exp2f(lse_row[j * slot_stride] - m_safe);
+  s = warp_sum(s);
+  const float g = s > 0.f ? log2f(s) + m_safe : F_INF;
+
+  // The sink joins the normaliser of the weights only; lse stays sink-free.
+  float g_w = g;
+  if (p.sink != nullptr) {
+    const float sink2 = p.sink[h] * LOG2E;
+    if (g != F_INF)
+      g_w = g + log2f(1.f + exp2f(sink2 - g));
+    else
+      g_w = sink2 == -F_INF ? F_INF : sink2;
+  }
+
+  float4 acc[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4* o_row = reinterpret_cast<const float4*>(p.o_acc + row * D_V) + lane;
+#pragma unroll 2
+  for (int j = begin; j < end; ++j) {
+    const float w = exp2f(lse_row[j * slot_stride] - g_w);
+    if (w > 0.f) {  // skips empty pieces (and NaN weights): their partials are never read
+      const float4* o = o_row + j * slot_stride * (D_V / 4);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float4 v = o[32 * k];
+        acc[k].x += w * v.x, acc[k].y += w * v.y, acc[k].z += w * v.z, acc[k].w += w * v.w;
+      }
+    }
+  }
+
+  // Lane owns columns 4 (lane + 32 k) .. +3: 8 bytes of output each.
+  u16* out = p.out + i * p.out_sb + t * p.out_st + h * p.out_sh;
+  const bool aligned8 = (reinterpret_cast<u64>(out) & 7) == 0;
+  const bool aligned4 = (reinterpret_cast<u64>(out) & 3) == 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const u32 lo = pack2(acc[k].x, acc[k].y), hi = pack2(acc[k].z, acc[k].w);
+    u16* dst = out + 4 * (lane + 32 * k);
+    if (aligned8) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+    } else if (aligned4) {
+      reinterpret_cast<u32*>(dst)[0] = lo;
+      reinterpret_cast<u32*>(dst)[1] = hi;
+    } else {
+      dst[0] = (u16)lo, dst[1] = (u16)(lo >> 16), dst[2] = (u16)hi, dst[3] = (u16)(hi >> 16);
+    }
+  }
+  if (lane == 0) p.lse[i * p.lse_sb + t * p.lse_st + h * p.lse_sh] = g * LN2;
+}

@@ -1,0 +1,65 @@
+"""Every CUDA source variant compiles for sm_80, sm_90a and sm_100a with NVRTC (what runs on the
+GPU machine) and with nvcc, without a GPU. Prints registers and spills; the decode (attention)
+kernels must use no stack or local memory and tensor-core MMA."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from flashmla_cuda import builds as catalog
+from flashmla_cuda.compiler import Build, compile_nvcc, compile_nvrtc, resource_usage, sass
+
+TARGETS = {"sm_80": (8, 0), "sm_90a": (9, 0), "sm_100a": (10, 0)}
+
+
+def _cases() -> list[tuple[str, str, Build]]:
+    out = []
+    for arch, cc in TARGETS.items():
+        for family, builds in catalog.all_builds(cc).items():
+            out.extend((arch, family, b) for b in dict.fromkeys(builds))
+    return out
+
+
+def _id(case) -> str:
+    arch, family, build = case
+    return f"{arch}-{family}-" + "-".join(f"{k}{v}" for k, v in build.defines)
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_id)
+def test_nvrtc_compiles_without_spills(case):
+    arch, family, build = case
+    cubin = compile_nvrtc(build, arch)
+    for name, use in resource_usage(cubin).items():
+        print(f"\n{arch} {build.source} {dict(build.defines)} {name}: {use}")
+        if family == "attention":
+            assert use.get("STACK", 0) == 0 and use.get("LOCAL", 0) == 0, f"{name} spills: {use}"
+    if family == "attention":
+        assert "HMMA" in sass(cubin), "the attention kernel must use tensor-core MMA"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", list(TARGETS))
+def test_nvcc_compiles_every_source(arch):
+    """nvcc agrees with NVRTC on every source (one representative variant per source)."""
+    seen: dict[str, Build] = {}
+    for builds in catalog.all_builds(TARGETS[arch]).values():
+        for b in builds:
+            seen.setdefault(b.source, b)
+    for build in seen.values():
+        _, log = compile_nvcc(build, arch)
+        print(f"\n{arch} {build.source}:\n{log}")
+        if build.source == "mla_attention.cu":
+            assert " 0 bytes spill stores" in log or "spill" not in log, log
+
+
+@pytest.mark.parametrize("arch,expected", [("sm_90a", True), ("sm_80", False), ("sm_100a", False)])
+def test_sm90a_feature_macro(arch, expected):
+    """NVRTC with ``-arch=sm_90a`` turns Hopper's architecture-specific features on (the probe
+    fails to compile if not); plain targets do not get them."""
+    probe = Build.of("arch_probe.cu", EXPECT_SM90A=expected)
+    compile_nvrtc(probe, arch)
+    if not expected:
+        with pytest.raises(Exception, match="without __CUDA_ARCH_FEAT_SM90_ALL"):
+            compile_nvrtc(Build.of("arch_probe.cu", EXPECT_SM90A=True), arch)
