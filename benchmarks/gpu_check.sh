@@ -12,6 +12,16 @@ KEXPR=${1:-}
 shift || true
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 python3 -m flashmla info
+# Compile every CUDA kernel variant for this GPU up front, in parallel (cached on disk).
+python3 -c "
+import torch, time
+from flashmla_cuda import builds, compiler
+t = time.time()
+cc = torch.cuda.get_device_capability()
+todo = [b for bs in builds.all_builds(cc).values() for b in bs]
+compiler.precompile(todo, compiler.target_arch(cc))
+print(f'flashmla-cuda: {len(set(todo))} kernel variants compiled for {compiler.target_arch(cc)} in {time.time() - t:.1f} s')
+"
 python3 -m pytest tests -q -p no:cacheprovider ${KEXPR:+-k "$KEXPR"} 2>&1 | tee "$OUT/pytest.log" | tail -n 15
 python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
 python3 -m flashmla bench --json "$OUT/bench.json" "$@" 2> "$OUT/bench.log"

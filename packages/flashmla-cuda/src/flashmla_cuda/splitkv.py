@@ -73,7 +73,8 @@ def schedule(
     sparse = seqlens is None
     lengths = _int32(topk_length if sparse else seqlens, device)
     extra = _int32(extra_topk_length, device) if sparse else None
-    has_extra = sparse and (extra_topk is not None or extra is not None)
+    # as sparse_lengths: the extra cache counts only when present (extra_topk given)
+    has_extra = sparse and extra_topk is not None
     values = {
         "lengths": ptr(lengths),
         "extra_lengths": ptr(extra),
@@ -87,7 +88,9 @@ def schedule(
         "extra_topk": extra_topk or 0,
         "overhead": OVERHEAD_BLOCKS,
     }
-    kernel(_build(False), "schedule", device)((1,), SCHED_THREADS, pack(SCHEDULE_PARAMS, values))
+    with torch.cuda.device(device):
+        k = kernel(_build(False), "schedule", device)
+        k((1,), SCHED_THREADS, pack(SCHEDULE_PARAMS, values))
     return Schedule(metadata, num_splits)
 
 
@@ -135,5 +138,6 @@ def combine(
         "h_q": h_q,
     }
     grid = (b * s_q, -(-h_q // COMBINE_WARPS))
-    k = kernel(_build(out.dtype == torch.float16), "combine", out.device)
-    k(grid, COMBINE_WARPS * 32, pack(COMBINE_PARAMS, values))
+    with torch.cuda.device(out.device):
+        k = kernel(_build(out.dtype == torch.float16), "combine", out.device)
+        k(grid, COMBINE_WARPS * 32, pack(COMBINE_PARAMS, values))

@@ -150,3 +150,24 @@ DEV float warp_sum4(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Appended for mha.cu: fast base-2 exponent / logarithm (flush denormals; ex2(-inf) = 0,
+// lg2(+inf) = +inf) and a 4-byte asynchronous copy (zero-filled when !valid).
+
+DEV float ex2_approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+DEV float lg2_approx(float x) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+DEV void cp_async4(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
+               "r"(valid ? 4 : 0));
+}
