@@ -56,6 +56,7 @@ class Config:
     block_n: int
     warps: int
     stages: int
+    ctas_per_sm: int = 1  # persistent CTAs per SM: two small ones overlap each other's barriers
 
 
 def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
@@ -75,14 +76,19 @@ def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
 
 
 def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
-    """Tiles for ``rows`` query rows per group: 16-row tiles for few rows (memory-bound: deep
-    pipeline), else 32 or 64 rows with 8 warps splitting the 512 output columns; as many
-    pipeline stages as shared memory allows (up to 4). Devices with little shared memory get
-    smaller row tiles (more passes over the cache, but it fits)."""
+    """Tiles for ``rows`` query rows per group. Few rows (memory-bound): 16-row tiles of 4 warps,
+    two CTAs per SM with two stages each. Otherwise 32 or 64 rows with 8 warps splitting the
+    512 output columns, and as many stages as shared memory allows (at most 3: a fourth costs
+    the 64-row kernel its last registers). Devices with little shared memory get smaller row
+    tiles (more passes over the cache, but it fits)."""
+    if rows <= 16:
+        cfg = Config(16, 32, 4, 2, ctas_per_sm=2)
+        if 2 * smem_bytes(cfg, fmt, d_qk) + 1024 <= smem_limit:
+            return cfg
     tiles = [(64, 8), (32, 8), (16, 4)]
     first = 2 if rows <= 16 else 1 if rows <= 32 else 0
     for block_m, warps in tiles[first:]:
-        for stages in (4, 3, 2):
+        for stages in (3, 2):
             cfg = Config(block_m, 32, warps, stages)
             if smem_bytes(cfg, fmt, d_qk) <= smem_limit:
                 return cfg
@@ -93,7 +99,7 @@ def build_for(cfg: Config, fmt: int, d_qk: int, sparse: bool, fp16: bool) -> Bui
     return Build.of(
         "mla_attention.cu",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARPS=cfg.warps, STAGES=cfg.stages, FMT=fmt,
-        D_QK=d_qk, SPARSE=sparse, DTYPE_FP16=fp16,
+        D_QK=d_qk, SPARSE=sparse, DTYPE_FP16=fp16, CTAS_PER_SM=cfg.ctas_per_sm,
     )  # fmt: skip
 
 
@@ -160,7 +166,7 @@ def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
     rows, axis1, _ = _groups(p)
     cfg = _config_of(p)
     m_tiles = -(-rows // cfg.block_m)
-    parts = max(device_sm_count(p.q.device) // (m_tiles * axis1), 1)
+    parts = max(device_sm_count(p.q.device) * cfg.ctas_per_sm // (m_tiles * axis1), 1)
     b = p.q.shape[0]
     if isinstance(p, SparseDecodeProblem):
         extra = p.extra_indices

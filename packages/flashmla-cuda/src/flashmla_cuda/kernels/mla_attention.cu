@@ -48,6 +48,9 @@
 #ifndef SPARSE
 #define SPARSE 0
 #endif
+#ifndef CTAS_PER_SM
+#define CTAS_PER_SM 1
+#endif
 
 constexpr int D_V = 512;
 constexpr int THREADS = WARPS * 32;
@@ -56,6 +59,10 @@ constexpr int CS = WARPS / RB;    // column splits
 constexpr int SC = BLOCK_N / CS;  // score columns per warp
 constexpr int OC = D_V / CS;      // output columns per warp
 constexpr int KCH = D_QK / 8;     // 16-byte chunks per key row in shared memory
+// Independent accumulator sets for S: one warp's Q K^T is a chain of D_QK / 16 dependent MMAs
+// per n-tile; with few n-tiles, alternate sets keep several MMAs in flight (64-row tiles have
+// no registers to spare and more warps to hide the latency).
+constexpr int KSETS = BLOCK_M == 64 ? 1 : SC == 8 ? 4 : 2;
 constexpr int P_STRIDE = BLOCK_N + 8;  // padded: conflict-free ldmatrix without a swizzle
 constexpr int TPT = 8;                  // threads per token when copying a tile
 static_assert(RB * CS == WARPS && SC % 8 == 0 && OC % 16 == 0 && BLOCK_N % 16 == 0, "tiling");
@@ -205,7 +212,7 @@ DEV void dequantize_tile(const u8* raw_tiles, u16* k_tile, int stage, int tid) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) mla_attention(const Params p) {
+extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention(const Params p) {
   extern __shared__ __align__(128) u8 smem[];
   u16* q_s = reinterpret_cast<u16*>(smem);                         // [BLOCK_M][D_QK] swizzled
   u16* k_s = q_s + BLOCK_M * D_QK;                                  // [STAGES or 1][BLOCK_N][D_QK]
@@ -328,8 +335,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mla_attention(const Par
       const int start = tile_start(it);
 
       // S = Q K^T for 16 rows x SC tokens.
-      float s[SC / 8][4];
-      for (int j = 0; j < SC / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      float s[SC / 8][4], s_k[KSETS][SC / 8][4];
+      for (int u = 0; u < KSETS; ++u)
+        for (int j = 0; j < SC / 8; ++j) s_k[u][j][0] = s_k[u][j][1] = s_k[u][j][2] = s_k[u][j][3] = 0.f;
       const u32 k_base = smem_u32(k_tile);
 #pragma unroll 1
       for (int kq = 0; kq < D_QK / 64; ++kq) {  // 64 dims (8 chunks: one swizzle period) a step
@@ -341,16 +349,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mla_attention(const Par
           for (int j = 0; j < SC / 16; ++j) {
             u32 b[4];
             ldsm_x4(b, k_base + s_row + 2 * (j * 16 * KCH * 8 + 8 * (kq * 8 + sw_b[k])));
-            mma16816(s[2 * j], a, b[0], b[1]);
-            mma16816(s[2 * j + 1], a, b[2], b[3]);
+            mma16816(s_k[k % KSETS][2 * j], a, b[0], b[1]);
+            mma16816(s_k[k % KSETS][2 * j + 1], a, b[2], b[3]);
           }
           if (SC % 16) {
             u32 b[2];
             ldsm_x2(b, k_base + s_row + 2 * ((SC / 16) * 16 * KCH * 8 + 8 * (kq * 8 + sw_b[k])));
-            mma16816(s[SC / 8 - 1], a, b[0], b[1]);
+            mma16816(s_k[k % KSETS][SC / 8 - 1], a, b[0], b[1]);
           }
         }
       }
+#pragma unroll
+      for (int j = 0; j < SC / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = s_k[0][j][e];
+#pragma unroll
+          for (int u = 1; u < KSETS; ++u) s[j][e] += s_k[u][j][e];
+        }
 
       // Scale, mask, and this warp's row maxima.
       float mx[2] = {-F_INF, -F_INF};

@@ -1,23 +1,17 @@
-"""The Triton paged-cache write, run by Triton's interpreter, byte for byte against the reference
-backend (``flashmla.formats``' quantizer). Every comparison covers the cache's whole storage,
-so page padding and the rows of skipped slots must stay untouched too."""
+"""Every backend's paged-cache write, byte for byte against the reference backend
+(``flashmla.formats``' quantizer). Every comparison covers the cache's whole storage, so page
+padding and the rows of skipped slots must stay untouched too. Inputs are built on the CPU and
+moved to the suite's device with their strides (and the bytes their strides skip)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "runs the kernels in Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True
-    )
-
-from flashmla_triton.cache_write import cache_write
-
 import flashmla
 from flashmla.problems import build_cache_write
+
+from .conftest import DEVICE, skip_unless_supported
 
 FP8_DIMS = {"fp8_v32": 576, "fp8_model1": 512}
 NOPE = {"fp8_v32": (512, 128), "fp8_model1": (448, 64)}  # (NoPE dims, tile)
@@ -26,13 +20,14 @@ BF16_MAX_FINITE = 0x7F7F
 
 def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     """Every byte of ``t``'s storage, including what its strides skip."""
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
-def clone_strided(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` with its own copy of the whole storage and the same strides."""
-    buf = storage_bytes(t).clone()
-    flat = torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage())
+def clone_strided(t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A copy of ``t`` (on ``device``) with its own copy of the whole storage and the same
+    strides."""
+    buf = storage_bytes(t).to(device or t.device, copy=True)
+    flat = torch.empty(0, dtype=t.dtype, device=buf.device).set_(buf.untyped_storage())
     return flat.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
@@ -43,16 +38,27 @@ def random_fill(t: torch.Tensor, seed: int) -> None:
     b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=g))
 
 
+def write(backend: str, cache, new_kv, slots, is_fp8: bool) -> None:
+    """``backend``'s write, skipped where it does not support these inputs."""
+    skip_unless_supported(backend, build_cache_write(cache, new_kv, slots, is_fp8))
+    with flashmla.use_backend(backend):
+        flashmla.write_kv_cache(cache, new_kv, slots, is_fp8=is_fp8)
+
+
 def check_write(
-    cache: torch.Tensor, new_kv: torch.Tensor, slots: torch.Tensor, is_fp8: bool
+    backend: str, cache: torch.Tensor, new_kv: torch.Tensor, slots: torch.Tensor, is_fp8: bool
 ) -> None:
-    """Write with the Triton launcher and with the reference backend; compare every byte."""
-    before = storage_bytes(cache).clone()
+    """Write with ``backend`` on the suite's device and with the reference backend on the CPU;
+    compare every byte."""
     expected = clone_strided(cache)
     with flashmla.use_backend("ref"):
         flashmla.write_kv_cache(expected, new_kv, slots, is_fp8=is_fp8)
-    cache_write(build_cache_write(cache, new_kv, slots, is_fp8))
-    got, want = storage_bytes(cache), storage_bytes(expected)
+    cache = clone_strided(cache, DEVICE)
+    new_kv, slots = clone_strided(new_kv, DEVICE), slots.to(DEVICE)
+    before = storage_bytes(cache).clone()
+    write(backend, cache, new_kv, slots, is_fp8)
+    got, want = storage_bytes(cache).cpu(), storage_bytes(expected)
+    before = before.cpu()
     assert torch.equal(got, want), f"{int((got != want).sum())} bytes differ"
     capacity = cache.shape[0] * cache.shape[1]
     if ((slots >= 0) & (slots < capacity)).any():
@@ -94,22 +100,24 @@ def wide_range_tokens(n: int, d: int, g: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("page_align", [None, 576])
 @pytest.mark.parametrize("page", [1, 3, 61, 64])
 @pytest.mark.parametrize("fmt", ["fp8_v32", "fp8_model1"])
-def test_fp8_matches_reference(fmt, page, page_align, slot_dtype):
+def test_fp8_matches_reference(backend, fmt, page, page_align, slot_dtype):
     g = torch.Generator().manual_seed(page * 7 + (page_align or 0))
     num_blocks = max(2, 8 // page)
     cache = fp8_cache(fmt, num_blocks, page, page_align, torch.uint8, seed=page)
     slots = valid_and_invalid_slots(num_blocks * page, min(6, num_blocks * page), slot_dtype, g)
     x = wide_range_tokens(slots.numel(), FP8_DIMS[fmt], g)
-    check_write(cache, x, slots, is_fp8=True)
+    check_write(backend, cache, x, slots, is_fp8=True)
 
 
 @pytest.mark.parametrize("container", [torch.float8_e4m3fn, torch.int8, torch.uint8])
 @pytest.mark.parametrize("fmt", ["fp8_v32", "fp8_model1"])
-def test_fp8_container_dtypes(fmt, container):
+def test_fp8_container_dtypes(backend, fmt, container):
     g = torch.Generator().manual_seed(1)
     cache = fp8_cache(fmt, 3, 5, 576, container, seed=2)
     slots = torch.tensor([14, 0, 7], dtype=torch.int32)
-    check_write(cache, (torch.randn(3, 1, FP8_DIMS[fmt], generator=g) * 5).bfloat16(), slots, True)
+    check_write(
+        backend, cache, (torch.randn(3, 1, FP8_DIMS[fmt], generator=g) * 5).bfloat16(), slots, True
+    )
 
 
 def bf16_step(ulps: int, v: float) -> float:
@@ -146,7 +154,7 @@ def edge_case_tiles(tile: int, g: torch.Generator) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("fmt", ["fp8_v32", "fp8_model1"])
-def test_fp8_scale_edge_cases(fmt):
+def test_fp8_scale_edge_cases(backend, fmt):
     g = torch.Generator().manual_seed(3)
     nope, tile = NOPE[fmt]
     per_token = nope // tile
@@ -158,11 +166,11 @@ def test_fp8_scale_edge_cases(fmt):
     x[:, 0, nope:] = torch.randn(n, 64, generator=g) * 1e3
     cache = fp8_cache(fmt, 3, 8, 576, torch.uint8, seed=4)
     slots = torch.randperm(24, generator=g)[:n].to(torch.int64)
-    check_write(cache, x.bfloat16(), slots, is_fp8=True)
+    check_write(backend, cache, x.bfloat16(), slots, is_fp8=True)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_v32", "fp8_model1"])
-def test_fp8_all_bf16_mantissas(fmt):
+def test_fp8_all_bf16_mantissas(backend, fmt):
     """Every bf16 magnitude from amax * 2^-14 up to amax, for several amaxes: covers each e4m3
     normal and subnormal code, every rounding tie and every underflow to zero."""
     g = torch.Generator().manual_seed(5)
@@ -187,11 +195,11 @@ def test_fp8_all_bf16_mantissas(fmt):
     num_blocks = (n + 15) // 16
     cache = fp8_cache(fmt, num_blocks, 16, None, torch.uint8, seed=6)
     slots = torch.randperm(num_blocks * 16, generator=g)[:n].to(torch.int32)
-    check_write(cache, x.bfloat16(), slots, is_fp8=True)
+    check_write(backend, cache, x.bfloat16(), slots, is_fp8=True)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_v32", "fp8_model1"])
-def test_fp8_strided_inputs(fmt):
+def test_fp8_strided_inputs(backend, fmt):
     """A non-contiguous new_kv (a slice of a wider buffer) and a strided slot_mapping."""
     g = torch.Generator().manual_seed(7)
     d = FP8_DIMS[fmt]
@@ -199,18 +207,19 @@ def test_fp8_strided_inputs(fmt):
     x = wide[:, 1:, 16 : 16 + d]
     slots = torch.tensor([3, -5, 9, 99, 1, -1, 0, 7, 12, 2], dtype=torch.int64)[::2]
     cache = fp8_cache(fmt, 2, 7, 576, torch.uint8, seed=8)
-    check_write(cache, x, slots, is_fp8=True)
+    check_write(backend, cache, x, slots, is_fp8=True)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_v32", "fp8_model1"])
-def test_fp8_only_invalid_slots_and_empty(fmt):
+def test_fp8_only_invalid_slots_and_empty(backend, fmt):
     cache = fp8_cache(fmt, 2, 3, 576, torch.uint8, seed=9)
     before = storage_bytes(cache).clone()
     x = torch.randn(4, 1, FP8_DIMS[fmt]).bfloat16()
     slots = torch.tensor([-1, 6, 2**31 - 1, -7], dtype=torch.int32)
-    cache_write(build_cache_write(cache, x, slots, True))
-    cache_write(build_cache_write(cache, x[:0], slots[:0], True))
-    assert torch.equal(storage_bytes(cache), before)
+    cache, x, slots = cache.to(DEVICE), x.to(DEVICE), slots.to(DEVICE)
+    write(backend, cache, x, slots, True)
+    write(backend, cache, x[:0], slots[:0], True)
+    assert torch.equal(storage_bytes(cache).cpu(), before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,18 +230,18 @@ def test_fp8_only_invalid_slots_and_empty(fmt):
 @pytest.mark.parametrize(("h_kv", "d"), [(1, 576), (2, 64), (3, 200)])
 @pytest.mark.parametrize("page", [1, 3, 61, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_plain_matches_reference(dtype, page, h_kv, d, slot_dtype):
+def test_plain_matches_reference(backend, dtype, page, h_kv, d, slot_dtype):
     g = torch.Generator().manual_seed(page + d)
     num_blocks = max(2, 8 // page)
     cache = torch.empty(num_blocks, page, h_kv, d, dtype=dtype)
     random_fill(cache, seed=page)
     slots = valid_and_invalid_slots(num_blocks * page, min(6, num_blocks * page), slot_dtype, g)
     x = torch.randn(slots.numel(), h_kv, d, generator=g).to(dtype)
-    check_write(cache, x, slots, is_fp8=False)
+    check_write(backend, cache, x, slots, is_fp8=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_plain_strided_cache_and_inputs(dtype):
+def test_plain_strided_cache_and_inputs(backend, dtype):
     """Padded head and page strides (a slice of a wider buffer), permuted page order, a
     non-contiguous new_kv and a strided slot_mapping; bits (NaN payloads too) copied as they are."""
     g = torch.Generator().manual_seed(11)
@@ -243,4 +252,4 @@ def test_plain_strided_cache_and_inputs(dtype):
     src = torch.randint(-(2**15), 2**15, (4, 2, 3, 70), dtype=torch.int16, generator=g)
     x = src.view(dtype)[:, 1, 1:, 3:67]  # [4, 2, 64]
     slots = torch.tensor([14, 100, 0, -1, 7, 15, 3, 1], dtype=torch.int32)[::2]
-    check_write(cache, x, slots, is_fp8=False)
+    check_write(backend, cache, x, slots, is_fp8=False)
