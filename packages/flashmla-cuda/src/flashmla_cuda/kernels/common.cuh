@@ -171,3 +171,15 @@ DEV void cp_async4(u32 dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
                "r"(valid ? 4 : 0));
 }
+
+// Two e4m3 bytes (the low byte is the first value) to fp32, exactly: the hardware conversion on
+// sm_89 and newer, bit arithmetic before.
+DEV float2 e4m3x2_to_float2(u32 two) {
+#if __CUDA_ARCH__ >= 890
+  u32 h;
+  asm("{.reg .b16 b; cvt.u16.u32 b, %1; cvt.rn.f16x2.e4m3x2 %0, b;}" : "=r"(h) : "r"(two));
+  return make_float2(half_to_float((u16)(h & 0xffff)), half_to_float((u16)(h >> 16)));
+#else
+  return make_float2(e4m3_to_float(two & 0xff), e4m3_to_float((two >> 8) & 0xff));
+#endif
+}

@@ -62,7 +62,7 @@ constexpr int KCH = D_QK / 8;     // 16-byte chunks per key row in shared memory
 // Independent accumulator sets for S: one warp's Q K^T is a chain of D_QK / 16 dependent MMAs
 // per n-tile; with few n-tiles, alternate sets keep several MMAs in flight (64-row tiles have
 // no registers to spare and more warps to hide the latency).
-constexpr int KSETS = BLOCK_M == 64 ? 1 : SC == 8 ? 4 : 2;
+constexpr int KSETS = SC == 8 ? 4 : 2;
 constexpr int P_STRIDE = BLOCK_N + 8;  // padded: conflict-free ldmatrix without a swizzle
 constexpr int TPT = 8;                  // threads per token when copying a tile
 static_assert(RB * CS == WARPS && SC % 8 == 0 && OC % 16 == 0 && BLOCK_N % 16 == 0, "tiling");
@@ -193,9 +193,8 @@ DEV void dequantize_tile(const u8* raw_tiles, u16* k_tile, int stage, int tid) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const u32 word = j < 2 ? bytes.x : bytes.y;
-        const int sh = (j & 1) * 16;
-        w[j] = pack2(e4m3_to_float((word >> sh) & 0xff) * scale,
-                     e4m3_to_float((word >> (sh + 8)) & 0xff) * scale);
+        const float2 f = e4m3x2_to_float2(word >> ((j & 1) * 16));
+        w[j] = pack2(f.x * scale, f.y * scale);
       }
     } else {  // RoPE part: bf16 values stored after the FP8 ones
       const uint4 r =
