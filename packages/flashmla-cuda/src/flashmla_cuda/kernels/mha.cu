@@ -582,7 +582,7 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
 
   for (int t = 0; t < total; ++t) {
     cp_async_wait<0>();
-    __syncwarp();
+    __syncthreads();
     if (t + 1 < total) load_q((t + 1) & 1, t + 1);
     cp_async_commit();
     const int g = t / n_mt, m = lo + (t - g * n_mt) * KV_BM;

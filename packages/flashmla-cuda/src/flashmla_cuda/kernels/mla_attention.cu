@@ -9,10 +9,12 @@
 //     S = Q K^T        [BLOCK_M, BLOCK_N]  over D_QK (576, or 512)
 //     O += P V         [BLOCK_M, 512]      V = K[:, :512], the same shared-memory tile
 //
-// Warps: RB = BLOCK_M / 16 row blocks times CS column splits. Warp (rb, cs) computes the scores of
-// its 16 rows for tokens [cs * SC, (cs + 1) * SC) of the tile and accumulates output columns
-// [cs * OC, (cs + 1) * OC), so no product is computed twice; the CS warps of a row block agree on
-// the row maximum through shared memory and exchange P through shared memory.
+// Warps split both products without computing anything twice. Q K^T: RB = BLOCK_M / 16 row
+// blocks times CS column splits; warp (rb, cs) scores its 16 rows against tokens
+// [cs * SC, (cs + 1) * SC) of the tile, and the CS warps of a row block agree on the row maximum
+// through shared memory. P V: warp w accumulates output columns [w * OC, (w + 1) * OC) of all
+// BLOCK_M rows, so each V element is read from shared memory once per tile and every P fragment
+// serves OC / 8 MMAs. P and the softmax rescale factors travel through shared memory.
 //
 // Grid (m_tiles, groups, parts). With a schedule (`metadata` non-null) each CTA walks its part of
 // the split-KV schedule (flashmla.scheduler rows): whole requests write the final output, pieces
@@ -57,7 +59,8 @@ constexpr int THREADS = WARPS * 32;
 constexpr int RB = BLOCK_M / 16;  // row blocks
 constexpr int CS = WARPS / RB;    // column splits
 constexpr int SC = BLOCK_N / CS;  // score columns per warp
-constexpr int OC = D_V / CS;      // output columns per warp
+constexpr int MT = BLOCK_M / 16;  // row tiles (of the P V product, per warp)
+constexpr int OC = D_V / WARPS;   // output columns per warp
 constexpr int KCH = D_QK / 8;     // 16-byte chunks per key row in shared memory
 // Independent accumulator sets for S: one warp's Q K^T is a chain of D_QK / 16 dependent MMAs
 // per n-tile; with few n-tiles, alternate sets keep several MMAs in flight (64-row tiles have
@@ -65,7 +68,7 @@ constexpr int KCH = D_QK / 8;     // 16-byte chunks per key row in shared memory
 constexpr int KSETS = SC == 8 ? 4 : 2;
 constexpr int P_STRIDE = BLOCK_N + 8;  // padded: conflict-free ldmatrix without a swizzle
 constexpr int TPT = 8;                  // threads per token when copying a tile
-static_assert(RB * CS == WARPS && SC % 8 == 0 && OC % 16 == 0 && BLOCK_N % 16 == 0, "tiling");
+static_assert(RB * CS == WARPS && SC % 8 == 0 && OC % 64 == 0 && BLOCK_N % 16 == 0, "tiling");
 static_assert(THREADS % TPT == 0 && BLOCK_N % (THREADS / TPT) == 0 || THREADS / TPT > BLOCK_N,
               "token copy split");
 static_assert(STAGES >= 2, "the pipeline prefetches into the stage read one tile earlier");
@@ -218,7 +221,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
   u8* raw_s = reinterpret_cast<u8*>(k_s + (FMT == 0 ? STAGES : 1) * BLOCK_N * D_QK);
   u16* p_s = reinterpret_cast<u16*>(raw_s + (FMT == 0 ? 0 : STAGES * BLOCK_N * RAW));
   float* red_s = reinterpret_cast<float*>(p_s + BLOCK_M * P_STRIDE);  // [CS][BLOCK_M]
-  unsigned char* valid_s = reinterpret_cast<unsigned char*>(red_s + CS * BLOCK_M);
+  float* row_s = red_s + CS * BLOCK_M;  // [BLOCK_M]: per tile alpha, at the end the out factor
+  unsigned char* valid_s = reinterpret_cast<unsigned char*>(row_s + BLOCK_M);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int rb = warp % RB, cs = warp / RB;
@@ -254,8 +258,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
   }
   const u32 q_addr = smem_u32(q_s) + 2 * (rb * 16 + lane % 16) * KCH * 8;
   const u32 s_row = 2 * (cs * SC + lane % 8 + (lane / 16) * 8) * KCH * 8;
-  const u32 v_row = 2 * ((lane % 8 + ((lane / 8) % 2) * 8) * KCH * 8 + cs * OC);
-  const u32 p_addr = smem_u32(p_s) + 2 * ((rb * 16 + lane % 16) * P_STRIDE + (lane / 16) * 8);
+  const u32 v_row = 2 * ((lane % 8 + ((lane / 8) % 2) * 8) * KCH * 8 + warp * OC);
+  const u32 p_addr = smem_u32(p_s) + 2 * ((lane % 16) * P_STRIDE + (lane / 16) * 8);
 
   for (int req = begin_req; req <= end_req; ++req) {
     __syncthreads();  // the previous request's readers of q_s / red_s are done
@@ -308,8 +312,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
       cp_async_commit();
     }
 
-    float acc[OC / 8][4];
-    for (int j = 0; j < OC / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    float acc[MT][OC / 8][4];  // rows mt * 16 + g (+8), columns warp * OC + j * 8 + 2 * t4 (+1)
+    for (int mt = 0; mt < MT; ++mt)
+      for (int j = 0; j < OC / 8; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
     float m_i[2] = {-F_INF, -F_INF}, l_i[2] = {0.f, 0.f};
 
     for (int it = 0; it < tiles; ++it) {
@@ -393,6 +398,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
         alpha[i] = exp2f(m_i[i] - m_safe[i]);
         m_i[i] = m_new;
         l_i[i] *= alpha[i];
+        if (cs == 0 && t4 == 0) row_s[rb * 16 + g + 8 * i] = alpha[i];
       }
       // P = exp2(S - m) -> shared memory (16-bit, the PV product's A operand).
 #pragma unroll
@@ -405,25 +411,33 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
         *reinterpret_cast<u32*>(p_s + row * P_STRIDE + col) = pack2(p0, p1);
         *reinterpret_cast<u32*>(p_s + (row + 8) * P_STRIDE + col) = pack2(p2, p3);
       }
-#pragma unroll
-      for (int j = 0; j < OC / 8; ++j) {
-        acc[j][0] *= alpha[0], acc[j][1] *= alpha[0];
-        acc[j][2] *= alpha[1], acc[j][3] *= alpha[1];
-      }
       __syncthreads();
 
-      // O += P V for 16 rows x OC columns; V = the key tile's first 512 columns.
+      // O = alpha * O + P V for all rows x OC columns; V = the key tile's first 512 columns.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const float a0 = row_s[mt * 16 + g], a1 = row_s[mt * 16 + g + 8];
+#pragma unroll
+        for (int j = 0; j < OC / 8; ++j) {
+          acc[mt][j][0] *= a0, acc[mt][j][1] *= a0;
+          acc[mt][j][2] *= a1, acc[mt][j][3] *= a1;
+        }
+      }
 #pragma unroll 1
       for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        u32 a[4];
-        ldsm_x4(a, p_addr + 2 * kk * 16);
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], p_addr + 2 * (mt * 16 * P_STRIDE + kk * 16));
 #pragma unroll
         for (int j = 0; j < OC / 16; ++j) {
           u32 b[4];
-          // chunk cs*OC/8 + 2j + lane/16: whole swizzle periods plus pattern sw_a[j % 4]
+          // chunk warp*OC/8 + 2j + lane/16: whole swizzle periods plus pattern sw_a[j % 4]
           ldsm_x4_t(b, k_base + v_row + 2 * (kk * 16 * KCH * 8 + 8 * ((j / 4) * 8 + sw_a[j % 4])));
-          mma16816(acc[2 * j], a, b[0], b[1]);
-          mma16816(acc[2 * j + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma16816(acc[mt][2 * j], a[mt], b[0], b[1]);
+            mma16816(acc[mt][2 * j + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
@@ -441,35 +455,52 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
       l_i[i] = total;
     }
 
-    // Epilogue: the whole request, or one piece of a split request.
+    // Epilogue: the whole request, or one piece of a split request. The score warps (which
+    // own the row statistics) write lse and each row's output factor; then every warp scales
+    // and stores its column slice.
     const bool piece =
         p.metadata && ((req == begin_req && first_split) || (req == end_req && last_split));
     const int slot = piece ? p.num_splits[req] + (req == begin_req ? begin_split : 0) : 0;
     for (int i = 0; i < 2; ++i) {
-      if (!row_ok[i]) continue;
       const bool empty = l_i[i] == 0.f;
-      const float inv = empty ? 0.f : 1.f / l_i[i];
       const float lse2 = m_i[i] + __log2f(empty ? 1.f : l_i[i]);
+      float f = empty ? 0.f : 1.f / l_i[i];
       const int t = row_t[i], h = row_h[i];
-      if (piece) {
-        const i64 row = ((i64)slot * p.s_q + t) * p.h_q + h;
-        float* o = p.o_acc + row * D_V + cs * OC + 2 * t4;
-        for (int j = 0; j < OC / 8; ++j)
-          *reinterpret_cast<float2*>(o + j * 8) =
-              make_float2(acc[j][2 * i] * inv, acc[j][2 * i + 1] * inv);
-        if (cs == 0 && t4 == 0) p.lse_acc[row] = empty ? -F_INF : lse2;
-      } else {
-        float f = inv;
-        if (p.sink && !empty) f /= 1.f + exp2f(p.sink[h] * LOG2E - lse2);
-        u16* o = p.out + req * p.o_b + t * p.o_t + h * p.o_h + cs * OC + 2 * t4;
-        for (int j = 0; j < OC / 8; ++j)
-          *reinterpret_cast<u32*>(o + j * 8) = pack2(acc[j][2 * i] * f, acc[j][2 * i + 1] * f);
-        if (cs == 0 && t4 == 0) {
+      if (!piece && p.sink && !empty && row_ok[i]) f /= 1.f + exp2f(p.sink[h] * LOG2E - lse2);
+      if (cs == 0 && t4 == 0) {
+        row_s[rb * 16 + g + 8 * i] = f;
+        if (!row_ok[i]) continue;
+        if (piece) {
+          p.lse_acc[((i64)slot * p.s_q + t) * p.h_q + h] = empty ? -F_INF : lse2;
+        } else {
           const i64 at = req * p.l_b + t * p.l_t + h * p.l_h;
           p.lse[at] = empty ? F_INF : lse2 * LN2;
           if (p.max_logits) p.max_logits[at] = empty ? -F_INF : m_i[i] * LN2;
         }
       }
     }
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int local = mt * 16 + g + 8 * i, r = m_tile * BLOCK_M + local;
+        if (r >= p.rows) continue;
+        const int t = SPARSE ? grp : r / p.group, h = SPARSE ? r : grp * p.group + r % p.group;
+        const float f = row_s[local];
+        if (piece) {
+          float* o = p.o_acc + (((i64)slot * p.s_q + t) * p.h_q + h) * D_V + warp * OC + 2 * t4;
+#pragma unroll
+          for (int j = 0; j < OC / 8; ++j)
+            *reinterpret_cast<float2*>(o + j * 8) =
+                make_float2(acc[mt][j][2 * i] * f, acc[mt][j][2 * i + 1] * f);
+        } else {
+          u16* o = p.out + req * p.o_b + t * p.o_t + h * p.o_h + warp * OC + 2 * t4;
+#pragma unroll
+          for (int j = 0; j < OC / 8; ++j)
+            *reinterpret_cast<u32*>(o + j * 8) =
+                pack2(acc[mt][j][2 * i] * f, acc[mt][j][2 * i + 1] * f);
+        }
+      }
   }
 }
