@@ -224,6 +224,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
   float* row_s = red_s + CS * BLOCK_M;  // [BLOCK_M]: per tile alpha, at the end the out factor
   unsigned char* valid_s = reinterpret_cast<unsigned char*>(row_s + BLOCK_M);
 
+  {  // the launcher's size of this layout must cover it: trap rather than corrupt memory
+    u32 given;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+    if (given < (u32)(reinterpret_cast<u8*>(valid_s + STAGES * BLOCK_N) - smem)) __trap();
+  }
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int rb = warp % RB, cs = warp / RB;
   const int g = lane / 4, t4 = lane % 4;  // mma fragment coordinates
