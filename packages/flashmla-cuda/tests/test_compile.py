@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from flashmla_cuda import builds as catalog
 from flashmla_cuda.compiler import Build, compile_nvcc, compile_nvrtc, resource_usage, sass
 

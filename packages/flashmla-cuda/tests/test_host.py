@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-
 from flashmla_cuda import attention, compiler
 from flashmla_cuda.compiler import Build, target_arch
 from flashmla_cuda.launch import I32, PTR, pack, struct_type
@@ -23,7 +22,7 @@ def test_target_arch(cc, arch):
 
 
 def test_target_arch_rejects_old_gpus():
-    with pytest.raises(ValueError, match="8.0"):
+    with pytest.raises(ValueError, match=r"8\.0"):
         target_arch((7, 5))
 
 
@@ -62,7 +61,7 @@ def test_pack_fills_every_field_and_rejects_mistakes():
 def _c_fields(source: str, struct: str) -> list[str]:
     """Field names of ``struct`` in a kernel source, in order."""
     text = (compiler.KERNELS / source).read_text()
-    body = re.search(r"struct %s \{(.*?)\n\};" % struct, text, re.S).group(1)
+    body = re.search(r"struct " + struct + r" \{(.*?)\n\};", text, re.S).group(1)
     names = []
     for decl in re.sub(r"//[^\n]*", "", body).split(";"):
         decl = decl.strip()
@@ -79,7 +78,7 @@ def test_attention_params_mirror_the_c_struct():
 @pytest.mark.parametrize("rows", [1, 16, 17, 32, 33, 64, 128, 256])
 @pytest.mark.parametrize("fmt,d_qk", [(0, 576), (0, 512), (1, 576), (2, 512)])
 def test_attention_config_fits_shared_memory(cc, rows, fmt, d_qk):
-    limit = attention.SMEM_LIMITS[cc] if cc in attention.SMEM_LIMITS else 99 * 1024
+    limit = attention.SMEM_LIMITS.get(cc, 99 * 1024)
     cfg = attention.choose_config(rows, fmt, d_qk, limit)
     assert attention.smem_bytes(cfg, fmt, d_qk) <= limit
     assert cfg.stages >= 2 and (cfg.block_m >= min(rows, 64) or limit < 160 * 1024)

@@ -193,7 +193,9 @@ def plan_sparse_decode(p: SparseDecodeProblem) -> Plan:
 def _aligned(t: Tensor, inner: int) -> bool:
     """16-byte aligned base and outer strides (``inner`` innermost dims left out)."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[: t.dim() - inner])
+    return t.data_ptr() % 16 == 0 and all(
+        (s * size) % 16 == 0 for s in t.stride()[: t.dim() - inner]
+    )
 
 
 def _aligned_queries(q: Tensor) -> Tensor:
@@ -242,7 +244,7 @@ def _launch_attention(
     sink: Tensor | None, plan: Plan | None, num_requests: int, rows: int, axis1: int,
     group: int, sparse: bool, causal: bool, scale: float,
 ) -> None:  # fmt: skip
-    b, s_q, h_q, d_qk = q4.shape
+    _b, s_q, h_q, d_qk = q4.shape
     code = FMT_CODE[fmt]
     cfg = choose_config(rows, code, d_qk, max_smem(q4.device))
     q4 = _aligned_queries(q4)

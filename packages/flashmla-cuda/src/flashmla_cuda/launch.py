@@ -55,9 +55,7 @@ class Kernel:
     function: object
     smem_limit: int = 48 * 1024
 
-    def __call__(
-        self, grid: tuple[int, ...], block: int, params: np.void, smem: int = 0
-    ) -> None:
+    def __call__(self, grid: tuple[int, ...], block: int, params: np.void, smem: int = 0) -> None:
         if 0 in grid:
             return
         if smem > self.smem_limit:
