@@ -43,7 +43,8 @@ PARAMS = struct_type(
         "slot_b", "slot_t", "slot2_b", "slot2_t",
     )]
     + [(name, I32) for name in (
-        "num_pages", "page", "list_len", "num_pages2", "page2", "list_len2",
+        "num_pages", "page", "list_len", "page_shift", "num_pages2", "page2", "list_len2",
+        "page2_shift",
         "s_q", "group", "rows", "h_q", "causal", "copy8",
     )]
     + [("scale_log2", F32)]
@@ -77,10 +78,10 @@ def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
 
 def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
     """Tiles for ``rows`` query rows per group. Few rows (memory-bound): 16-row tiles of 4 warps,
-    two CTAs per SM with two stages each. Otherwise 32 or 64 rows with 8 warps splitting the
-    512 output columns, and as many stages as shared memory allows (at most 3: a fourth costs
-    the 64-row kernel its last registers). Devices with little shared memory get smaller row
-    tiles (more passes over the cache, but it fits)."""
+    two CTAs per SM with two stages each. Otherwise 32 or 64 rows with 8 warps, and 64-token
+    tiles where shared memory holds two stages of them (else 32-token tiles, three stages if
+    they fit). Devices with little shared memory get smaller row tiles (more passes over the
+    cache, but it fits)."""
     if rows <= 16:
         cfg = Config(16, 32, 4, 2, ctas_per_sm=2)
         if 2 * smem_bytes(cfg, fmt, d_qk) + 1024 <= smem_limit:
@@ -88,8 +89,11 @@ def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
     tiles = [(64, 8), (32, 8), (16, 4)]
     first = 2 if rows <= 16 else 1 if rows <= 32 else 0
     for block_m, warps in tiles[first:]:
-        for stages in (3, 2):
-            cfg = Config(block_m, 32, warps, stages)
+        # 64-token tiles halve the per-tile costs (barriers, softmax bookkeeping); 32 fit more
+        for block_n, stages in ((64, 2), (32, 3), (32, 2)):
+            if block_m == 16 and block_n == 64:
+                continue
+            cfg = Config(block_m, block_n, warps, stages)
             if smem_bytes(cfg, fmt, d_qk) <= smem_limit:
                 return cfg
     raise RuntimeError(f"the attention kernel needs more shared memory than the {smem_limit} here")
@@ -262,6 +266,7 @@ def _launch_attention(
         "page_stride": cs["page"], "row_stride": cs["row"], "head_stride": cs["head"],
         "slot_b": slot_strides[0], "slot_t": slot_strides[1],
         "num_pages": cache.shape[0], "page": page, "list_len": list_len,
+        "page_shift": _shift(page),
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(causal),
         "scale_log2": scale * LOG2E,
     }  # fmt: skip
@@ -273,12 +278,12 @@ def _launch_attention(
             cache2=ptr(cache2_t), slots2=ptr(slots2), lengths2=ptr(lengths2),
             page_stride2=cs2["page"], row_stride2=cs2["row"], slot2_b=slots2.stride(0),
             slot2_t=slots2.stride(1), num_pages2=cache2.shape[0], page2=cache2.shape[1],
-            list_len2=slots2.shape[2],
+            list_len2=slots2.shape[2], page2_shift=_shift(cache2.shape[1]),
         )  # fmt: skip
     else:
         values.update(
             cache2=0, slots2=0, lengths2=0, page_stride2=0, row_stride2=0, slot2_b=0,
-            slot2_t=0, num_pages2=0, page2=1, list_len2=0,
+            slot2_t=0, num_pages2=0, page2=1, list_len2=0, page2_shift=0,
         )  # fmt: skip
     values["copy8"] = int(copy8)
     build = build_for(cfg, code, d_qk, sparse, q4.dtype == torch.float16)
@@ -292,6 +297,11 @@ def _launch_attention(
             o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits,
             out=out4, lse=lse, lse_strides=lse_strides, sink=sink,
         )  # fmt: skip
+
+
+def _shift(page: int) -> int:
+    """log2(page) for power-of-two pages (the kernel shifts instead of dividing), else -1."""
+    return page.bit_length() - 1 if page & (page - 1) == 0 else -1
 
 
 def _on_device(device: torch.device):

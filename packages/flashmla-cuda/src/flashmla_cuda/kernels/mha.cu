@@ -98,20 +98,40 @@ DEV void load_tile(u32 dst, const u16* src, i64 stride, int valid, int tid) {
   }
 }
 
-// Address for ldmatrix.x4 of a 16x16 block at rows r0.., chunks 2*c2, 2*c2+1 of a swizzled tile
-// with CH chunks per row: matrices (rows 0-7, chunk 0), (rows 8-15, chunk 0), (rows 0-7, chunk 1),
-// (rows 8-15, chunk 1). Non-transposed it is an A fragment (16 rows x 16 k); transposed, the B
-// fragments (b0, b1) of two adjacent n-tiles of a [k rows, n cols] tile.
+// Lane-dependent parts of ldmatrix.x4 addresses into a swizzled tile of CH chunks per row, for
+// 16 x 16 blocks at rows r0 (a multiple of 8) and chunks 2*c2, 2*c2+1. Since row & 7 = lane & 7,
+// the swizzle only depends on the lane and c2 & 3: the address is base + o[c2 & 3] plus a
+// constant, so a fully unrolled loop needs one add per tile and immediate offsets.
 template <int CH>
-DEV u32 addr_a(u32 base, int r0, int c2, int lane) {
-  return base + 2 * swz<CH>(r0 + (lane & 15), 2 * c2 + (lane >> 4));
+struct Frag {
+  u32 o[4];
+};
+
+// A layout: matrices (rows 0-7, chunk 0), (rows 8-15, chunk 0), (rows 0-7, chunk 1), (rows 8-15,
+// chunk 1). Non-transposed it is an A fragment (16 rows x 16 k); transposed, the B fragments
+// (b0, b1) of two adjacent n-tiles of a [k rows, n cols] tile.
+template <int CH>
+DEV Frag<CH> frag_a(int lane) {
+  Frag<CH> f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) f.o[j] = 2 * swz<CH>(lane & 15, 2 * j + (lane >> 4));
+  return f;
 }
 
-// Address for ldmatrix.x4 giving the B fragments of two n-tiles (rows r0.. r0+7 and r0+8..
-// r0+15 of a [n rows, k cols] tile) at k-step c2: (b0, b1) of the first, then of the second.
+// B layout: the B fragments of two n-tiles (rows 0-7 and 8-15 of a [n rows, k cols] tile) at one
+// k-step: (b0, b1) of the first, then of the second.
 template <int CH>
-DEV u32 addr_b(u32 base, int r0, int c2, int lane) {
-  return base + 2 * swz<CH>(r0 + (lane & 7) + ((lane >> 4) << 3), 2 * c2 + ((lane >> 3) & 1));
+DEV Frag<CH> frag_b(int lane) {
+  Frag<CH> f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    f.o[j] = 2 * swz<CH>((lane & 7) + ((lane >> 4) << 3), 2 * j + ((lane >> 3) & 1));
+  return f;
+}
+
+template <int CH>
+DEV u32 at(const Frag<CH>& f, u32 base, int r0, int c2) {
+  return base + f.o[c2 & 3] + (c2 >> 2) * 128 + r0 * CH * 16;
 }
 
 // C fragments of n-tiles 2kk, 2kk+1 (fp32, 16 rows x 16 cols) as the A fragment of k-step kk.
@@ -126,11 +146,12 @@ DEV void to_a(u32 (&a)[4], const float (&c)[N][4], int kk) {
 // acc (16 x 8*NTILE per warp) += A (16 x 16) * B where B's k-step is rows r0.. r0+15 of a
 // swizzled [k rows, NTILE*8 cols] tile (transposed ldmatrix).
 template <int CH, int NTILE>
-DEV void mma_row_tile(float (&acc)[NTILE][4], const u32 (&a)[4], u32 base, int r0, int lane) {
+DEV void mma_row_tile(float (&acc)[NTILE][4], const u32 (&a)[4], const Frag<CH>& f, u32 base,
+                      int r0) {
 #pragma unroll
   for (int c2 = 0; c2 < NTILE / 2; ++c2) {
     u32 b[4];
-    ldsm_x4_t(b, addr_a<CH>(base, r0, c2, lane));
+    ldsm_x4_t(b, at(f, base, r0, c2));
     mma16816(acc[2 * c2], a, b[0], b[1]);
     mma16816(acc[2 * c2 + 1], a, b[2], b[3]);
   }
@@ -139,11 +160,12 @@ DEV void mma_row_tile(float (&acc)[NTILE][4], const u32 (&a)[4], u32 base, int r
 // acc (16 x 8*NTILE) += A * B^T over one k-step c2 where B is rows 0 .. 8*NTILE-1 of a swizzled
 // [n rows, k cols] tile (non-transposed ldmatrix).
 template <int CH, int NTILE>
-DEV void mma_col_tile(float (&acc)[NTILE][4], const u32 (&a)[4], u32 base, int c2, int lane) {
+DEV void mma_col_tile(float (&acc)[NTILE][4], const u32 (&a)[4], const Frag<CH>& f, u32 base,
+                      int c2) {
 #pragma unroll
   for (int nb = 0; nb < NTILE / 2; ++nb) {
     u32 b[4];
-    ldsm_x4(b, addr_b<CH>(base, nb * 16, c2, lane));
+    ldsm_x4(b, at(f, base, nb * 16, c2));
     mma16816(acc[2 * nb], a, b[0], b[1]);
     mma16816(acc[2 * nb + 1], a, b[2], b[3]);
   }
@@ -262,9 +284,13 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
   cp_async_wait<1>();
   __syncthreads();
   u32 qf[D_QK / 16][4];
+  {
+    const Frag<CQ> fq = frag_a<CQ>(lane);
+#pragma unroll
+    for (int kk = 0; kk < D_QK / 16; ++kk) ldsm_x4(qf[kk], at(fq, sR, warp * 16, kk));
+  }
 #pragma unroll
   for (int kk = 0; kk < D_QK / 16; ++kk) {
-    ldsm_x4(qf[kk], addr_a<CQ>(sR, warp * 16, kk, lane));
     if (p.neg_scale) {  // flip the sign bits: exact, and the row max stays a max
 #pragma unroll
       for (int i = 0; i < 4; ++i) qf[kk][i] ^= 0x80008000u;
@@ -277,6 +303,8 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
   float mrow[2] = {-F_INF, -F_INF}, lrow[2] = {0.f, 0.f};
   const float c = p.scale_log2;
   const int row_g = m0 + warp * 16 + (lane >> 2);  // sequence row of accumulator elements 0, 1
+  const Frag<CQ> fk = frag_b<CQ>(lane);
+  const Frag<CV> fv = frag_a<CV>(lane);
 
   // Tiles from the last to the first: the masked ones (diagonal, sequence end) come first, then
   // a mask-free loop.
@@ -292,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
 #pragma unroll
     for (int nt = 0; nt < FWD_BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D_QK / 16; ++kk) mma_col_tile<CQ, FWD_BN / 8>(s, qf[kk], sk, kk, lane);
+    for (int kk = 0; kk < D_QK / 16; ++kk) mma_col_tile(s, qf[kk], fk, sk, kk);
 
     if (n >= n_full) {
       const int col = n * FWD_BN + 2 * (lane & 3);
@@ -313,7 +341,7 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
     for (int kk = 0; kk < FWD_BN / 16; ++kk) {
       u32 a[4];
       to_a(a, s, kk);
-      mma_row_tile<CV, D_V / 8>(acc, a, sv, kk * 16, lane);
+      mma_row_tile(acc, a, fv, sv, kk * 16);
     }
   }
 
@@ -447,13 +475,18 @@ extern "C" __global__ void __launch_bounds__(Q_NT) mha_bwd_dq(const MhaBwdParams
 
   cp_async_wait<1>();
   __syncthreads();
+  const Frag<CQ> fa_q = frag_a<CQ>(lane), fb_q = frag_b<CQ>(lane);
+  const Frag<CV> fb_v = frag_b<CV>(lane);
   u32 dof[D_V / 16][4];
+  {
+    const Frag<CV> fa_v = frag_a<CV>(lane);
 #pragma unroll
-  for (int kk = 0; kk < D_V / 16; ++kk) ldsm_x4(dof[kk], addr_a<CV>(sdo, warp * 16, kk, lane));
+    for (int kk = 0; kk < D_V / 16; ++kk) ldsm_x4(dof[kk], at(fa_v, sdo, warp * 16, kk));
+  }
 #if DQ_QREG
   u32 qf[D_QK / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D_QK / 16; ++kk) ldsm_x4(qf[kk], addr_a<CQ>(sq, warp * 16, kk, lane));
+  for (int kk = 0; kk < D_QK / 16; ++kk) ldsm_x4(qf[kk], at(fa_q, sq, warp * 16, kk));
 #endif
 
   float dq[D_QK / 8][4];
@@ -478,15 +511,15 @@ extern "C" __global__ void __launch_bounds__(Q_NT) mha_bwd_dq(const MhaBwdParams
 #pragma unroll
     for (int kk = 0; kk < D_QK / 16; ++kk) {
 #if DQ_QREG
-      mma_col_tile<CQ, DQ_BN / 8>(s, qf[kk], sk, kk, lane);
+      mma_col_tile(s, qf[kk], fb_q, sk, kk);
 #else
       u32 a[4];
-      ldsm_x4(a, addr_a<CQ>(sq, warp * 16, kk, lane));
-      mma_col_tile<CQ, DQ_BN / 8>(s, a, sk, kk, lane);
+      ldsm_x4(a, at(fa_q, sq, warp * 16, kk));
+      mma_col_tile(s, a, fb_q, sk, kk);
 #endif
     }
 #pragma unroll
-    for (int kk = 0; kk < D_V / 16; ++kk) mma_col_tile<CV, DQ_BN / 8>(dp, dof[kk], sv, kk, lane);
+    for (int kk = 0; kk < D_V / 16; ++kk) mma_col_tile(dp, dof[kk], fb_v, sv, kk);
 
     // dS = P * (dP - delta), P = exp2(S * c - lse2); masked entries 0
     const bool masked = n >= n_full;
@@ -508,7 +541,7 @@ extern "C" __global__ void __launch_bounds__(Q_NT) mha_bwd_dq(const MhaBwdParams
     for (int kk = 0; kk < DQ_BN / 16; ++kk) {
       u32 a[4];
       to_a(a, dp, kk);
-      mma_row_tile<CQ, D_QK / 8>(dq, a, sk, kk * 16, lane);
+      mma_row_tile(dq, a, fa_q, sk, kk * 16);
     }
   }
 
@@ -579,6 +612,8 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
   for (int dt = 0; dt < D_V / 8; ++dt) dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
   const float c = p.scale_log2;
   const int key_g = n0 + warp * 16 + (lane >> 2);  // key of accumulator elements 0, 1
+  const Frag<CQ> fa_q = frag_a<CQ>(lane), fb_q = frag_b<CQ>(lane);
+  const Frag<CV> fa_v = frag_a<CV>(lane), fb_v = frag_b<CV>(lane);
 
   for (int t = 0; t < total; ++t) {
     cp_async_wait<0>();
@@ -599,14 +634,14 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
 #pragma unroll
     for (int kk = 0; kk < D_V / 16; ++kk) {
       u32 a[4];
-      ldsm_x4(a, addr_a<CV>(sv, warp * 16, kk, lane));
-      mma_col_tile<CV, KV_BM / 8>(dp, a, sdo, kk, lane);
+      ldsm_x4(a, at(fa_v, sv, warp * 16, kk));
+      mma_col_tile(dp, a, fb_v, sdo, kk);
     }
 #pragma unroll
     for (int kk = 0; kk < D_QK / 16; ++kk) {
       u32 a[4];
-      ldsm_x4(a, addr_a<CQ>(sk, warp * 16, kk, lane));
-      mma_col_tile<CQ, KV_BM / 8>(s, a, sq, kk, lane);
+      ldsm_x4(a, at(fa_q, sk, warp * 16, kk));
+      mma_col_tile(s, a, fb_q, sq, kk);
     }
 
     // P^T = exp2(S^T * c - lse2[query]), dS^T = P^T * (dP^T - delta[query])
@@ -629,13 +664,13 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
     for (int kk = 0; kk < KV_BM / 16; ++kk) {
       u32 a[4];
       to_a(a, s, kk);
-      mma_row_tile<CV, D_V / 8>(dv, a, sdo, kk * 16, lane);
+      mma_row_tile(dv, a, fa_v, sdo, kk * 16);
     }
 #pragma unroll
     for (int kk = 0; kk < KV_BM / 16; ++kk) {
       u32 a[4];
       to_a(a, dp, kk);
-      mma_row_tile<CQ, D_QK / 8>(dk, a, sq, kk * 16, lane);
+      mma_row_tile(dk, a, fa_q, sq, kk * 16);
     }
   }
 

@@ -102,8 +102,8 @@ struct Params {
   i64 page_stride2, row_stride2;
   i64 slot_b, slot_t;  // element strides of the slot lists
   i64 slot2_b, slot2_t;
-  int num_pages, page, list_len;
-  int num_pages2, page2, list_len2;
+  int num_pages, page, list_len, page_shift;  // page_shift: log2(page), or -1
+  int num_pages2, page2, list_len2, page2_shift;
   int s_q, group, rows, h_q;
   int causal;
   int copy8;  // the cache's records are only 8-byte aligned: copy in 8-byte pieces
@@ -114,7 +114,7 @@ struct TokenList {  // one list of positions a request attends to
   const u8* cache;
   const int* slots;
   i64 page_stride, row_stride;
-  int num_pages, page;
+  int num_pages, page, shift;  // shift: log2(page) when a power of two (no division), else -1
   int lo, hi;         // positions [lo, hi) of this CTA's piece
   int causal_base;    // dense: length - s_q (query token t sees positions <= base + t)
 };
@@ -127,12 +127,13 @@ DEV const u8* locate(const TokenList& L, int pos, i64 head_off, const u8** scale
   if (SPARSE) {
     const int slot = L.slots[pos];
     if (slot < 0 || slot >= L.num_pages * L.page) return nullptr;
-    page = slot / L.page;
+    page = L.shift >= 0 ? slot >> L.shift : slot / L.page;
     row = slot - page * L.page;
   } else {
-    page = L.slots[pos / L.page];
+    const int idx = L.shift >= 0 ? pos >> L.shift : pos / L.page;
+    page = L.slots[idx];
     if (page < 0 || page >= L.num_pages) return nullptr;
-    row = pos % L.page;
+    row = pos - idx * L.page;
   }
   const u8* base = L.cache + (i64)page * L.page_stride;
   if (FMT == 2) {
@@ -286,7 +287,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
     int length = p.list_len;
     if (p.lengths) length = min(max(p.lengths[req], 0), SPARSE ? p.list_len : p.list_len * p.page);
     l0 = {p.cache, p.slots + req * p.slot_b + (SPARSE ? grp * p.slot_t : 0),
-                p.page_stride, p.row_stride, p.num_pages, p.page, blk_lo * 64, 0,
+                p.page_stride, p.row_stride, p.num_pages, p.page, p.page_shift, blk_lo * 64, 0,
                 length - p.s_q};
     if (SPARSE) {
       const int main_blocks = (max(length, 1) + 63) / 64;
@@ -295,7 +296,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
         int length2 = p.list_len2;
         if (p.lengths2) length2 = min(max(p.lengths2[req], 0), p.list_len2);
         l1 = {p.cache2, p.slots2 + req * p.slot2_b + grp * p.slot2_t, p.page_stride2,
-                    p.row_stride2, p.num_pages2, p.page2, max(blk_lo - main_blocks, 0) * 64,
+                    p.row_stride2, p.num_pages2, p.page2, p.page2_shift,
+                    max(blk_lo - main_blocks, 0) * 64,
                     min((blk_hi - main_blocks) * 64, length2), 0};
         n_lists = 2;
       }
@@ -419,13 +421,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
       __syncthreads();
 
       // O = alpha * O + P V for all rows x OC columns; V = the key tile's first 512 columns.
+      {
+        float a0[MT], a1[MT];
+        bool unchanged = true;  // no row maximum moved: nothing to rescale (the common case)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const float a0 = row_s[mt * 16 + g], a1 = row_s[mt * 16 + g + 8];
+        for (int mt = 0; mt < MT; ++mt) {
+          a0[mt] = row_s[mt * 16 + g], a1[mt] = row_s[mt * 16 + g + 8];
+          unchanged = unchanged && a0[mt] == 1.f && a1[mt] == 1.f;
+        }
+        if (!__all_sync(0xffffffffu, unchanged)) {
 #pragma unroll
-        for (int j = 0; j < OC / 8; ++j) {
-          acc[mt][j][0] *= a0, acc[mt][j][1] *= a0;
-          acc[mt][j][2] *= a1, acc[mt][j][3] *= a1;
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < OC / 8; ++j) {
+              acc[mt][j][0] *= a0[mt], acc[mt][j][1] *= a0[mt];
+              acc[mt][j][2] *= a1[mt], acc[mt][j][3] *= a1[mt];
+            }
         }
       }
 #pragma unroll 1
