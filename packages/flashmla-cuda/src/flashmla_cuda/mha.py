@@ -33,11 +33,13 @@ MAX_GRID_YZ = 65535
 
 @dataclass(frozen=True)
 class MhaTiles:
-    """Tile sizes of the four kernels. Warps: ``fwd_bm / 16`` (forward), ``dq_bm / 16`` (dQ),
-    ``kv_bn / 16`` (dK/dV); each warp owns 16 queries (keys in dK/dV)."""
+    """Tile sizes of the kernels. Warps: ``fwd_bm / (16 * fwd_mw)`` (forward), ``dq_bm / 16``
+    (dQ), ``kv_bn / 16`` (dK/dV); a warp owns 16 * fwd_mw queries in the forward, 16 queries in
+    dQ, 16 keys in dK/dV."""
 
     fwd_bm: int  # queries per forward CTA
     fwd_bn: int  # keys per forward tile
+    fwd_mw: int  # 16-row m-tiles per forward warp (2: Q re-read from shared memory per tile)
     dq_bm: int  # queries per dQ CTA
     dq_bn: int  # keys per dQ tile
     dq_qreg: bool  # dQ keeps Q's fragments in registers
@@ -46,14 +48,18 @@ class MhaTiles:
 
     def defines(self) -> dict[str, int]:
         return dict(
-            FWD_BM=self.fwd_bm, FWD_BN=self.fwd_bn, DQ_BM=self.dq_bm, DQ_BN=self.dq_bn,
-            DQ_QREG=int(self.dq_qreg), KV_BN=self.kv_bn, KV_BM=self.kv_bm,
+            FWD_BM=self.fwd_bm, FWD_BN=self.fwd_bn, FWD_MW=self.fwd_mw, DQ_BM=self.dq_bm,
+            DQ_BN=self.dq_bn, DQ_QREG=int(self.dq_qreg), KV_BN=self.kv_bn, KV_BM=self.kv_bm,
         )  # fmt: skip
+
+    def threads(self) -> tuple[int, int, int]:
+        """Threads per CTA of the forward, dQ and dK/dV kernels."""
+        return self.fwd_bm // self.fwd_mw * 2, self.dq_bm * 2, self.kv_bn * 2
 
     # Dynamic shared memory in bytes (mirrors F_SMEM, DQ_SMEM, KV_SMEM in mha.cu).
     def fwd_smem(self, d_qk: int, d_v: int) -> int:
-        stage = self.fwd_bn * (d_qk + d_v)
-        return 2 * (stage + max(stage, self.fwd_bm * d_qk))
+        stage, q = self.fwd_bn * (d_qk + d_v), self.fwd_bm * d_qk
+        return 2 * (stage + max(stage, q)) if self.fwd_mw == 1 else 2 * (q + 2 * stage)
 
     def dq_smem(self, d_qk: int, d_v: int) -> int:
         return 2 * (self.dq_bm * (d_qk + d_v) + 2 * self.dq_bn * (d_qk + d_v))
@@ -63,16 +69,17 @@ class MhaTiles:
         return 2 * (self.kv_bn * (d_qk + d_v) + 2 * stage)
 
 
-# Per (d_qk, d_v): the forward runs 8 warps (128 queries) against 64-key tiles, Q in registers;
-# the backward kernels run 4 warps so that two CTAs share an SM (registers ~255 per thread, the
-# dK + dV accumulators alone take 80 of them at d_qk = 192). Every kernel stays below 99 KiB of
-# shared memory (sm_86 / sm_89 / sm_120 limits). Spills: none on sm_80 / sm_90a / sm_100a
-# (tests/test_mha_host.py checks it when nvcc is present).
+# Per (d_qk, d_v). Forward: 4 warps of 32 queries (two m16 tiles share every K/V fragment read
+# from shared memory, whose bandwidth bounds mma.sync attention) against 32- or 64-key tiles.
+# Backward: 4 warps of 16 queries (dQ) / 16 keys (dK/dV) so that two CTAs share an SM (~255
+# registers per thread: the dK + dV accumulators alone take 80 of them at d_qk = 192). Every
+# kernel stays below 99 KiB of shared memory (the sm_86 / sm_89 / sm_120 limit) and spills
+# nothing on sm_80 / sm_90a / sm_100a (tests/test_mha_host.py checks both).
 TILES: dict[tuple[int, int], MhaTiles] = {
-    (192, 128): MhaTiles(128, 64, 64, 32, True, 64, 32),
-    (128, 128): MhaTiles(128, 64, 64, 32, True, 64, 32),
-    (128, 64): MhaTiles(128, 64, 64, 64, True, 64, 64),
-    (64, 64): MhaTiles(128, 64, 64, 64, True, 64, 64),
+    (192, 128): MhaTiles(128, 32, 2, 64, 32, True, 64, 32),
+    (128, 128): MhaTiles(128, 32, 2, 64, 32, True, 64, 32),
+    (128, 64): MhaTiles(128, 64, 2, 64, 64, True, 64, 64),
+    (64, 64): MhaTiles(128, 64, 2, 64, 64, True, 64, 64),
 }
 assert set(TILES) == set(HEAD_DIMS)
 
@@ -176,7 +183,7 @@ def mha_forward(p: MhaProblem) -> tuple[Tensor, Tensor]:
         **_strides("lse", lse), group=h_q // h_kv, causal=int(p.causal),
         neg_scale=int(scale < 0), scale_log2=max(abs(scale) * LOG2E, 1e-30),
     )  # fmt: skip
-    threads, smem = tiles.fwd_bm // 16 * 32, tiles.fwd_smem(d_qk, d_v)
+    threads, smem = tiles.threads()[0], tiles.fwd_smem(d_qk, d_v)
     for b0 in _batches(p.batch):
         nb = min(MAX_GRID_YZ, p.batch - b0)
         fn((grid_x, h_q, nb), threads, pack(FWD_PARAMS, {**base, "b0": b0}), smem)
@@ -246,7 +253,7 @@ def mha_backward(
         params = pack(BWD_PARAMS, {**base, "b0": b0})
         nb = min(MAX_GRID_YZ, p.batch - b0)
         if run_k:  # a key block with no visible query writes zeros itself
-            kv_fn((grid_k, h_kv, nb), tiles.kv_bn // 16 * 32, params, tiles.kv_smem(d_qk, d_v))
+            kv_fn((grid_k, h_kv, nb), tiles.threads()[2], params, tiles.kv_smem(d_qk, d_v))
         if run_q:
-            dq_fn((grid_q, h_q, nb), tiles.dq_bm // 16 * 32, params, tiles.dq_smem(d_qk, d_v))
+            dq_fn((grid_q, h_q, nb), tiles.threads()[1], params, tiles.dq_smem(d_qk, d_v))
     return dq, dk, dv

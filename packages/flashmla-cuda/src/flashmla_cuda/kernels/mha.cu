@@ -37,6 +37,9 @@
 #ifndef FWD_BN  // keys per forward tile
 #define FWD_BN 64
 #endif
+#ifndef FWD_MW  // 16-row m-tiles per forward warp: 2 halves the K/V fragment reads per query (Q
+#define FWD_MW 1  // then stays in shared memory), 1 keeps Q's fragments in registers
+#endif
 #ifndef DQ_BM  // queries per dQ CTA (16 per warp)
 #define DQ_BM 64
 #endif
@@ -205,27 +208,37 @@ struct MhaFwdParams {
   float scale_log2;  // |softmax_scale| * log2(e), at least 1e-30 so that -inf * it stays -inf
 };
 
-constexpr int F_NW = FWD_BM / 16, F_NT = F_NW * 32;
+constexpr int F_RW = 16 * FWD_MW;  // query rows per warp
+constexpr int F_NW = FWD_BM / F_RW, F_NT = F_NW * 32;
 constexpr int F_TILE_K = FWD_BN * D_QK, F_STAGE = FWD_BN * (D_QK + D_V);  // elements
 constexpr int F_Q = FWD_BM * D_QK;
-// Stage 0 | region R = stage 1, which first holds the Q tile (its size is the larger of both).
-constexpr int F_SMEM = 2 * (F_STAGE + (F_Q > F_STAGE ? F_Q : F_STAGE));
+// FWD_MW == 1: stage 0 | region R = stage 1, which first holds the Q tile (Q then lives in
+// registers). FWD_MW == 2: Q tile | stage 0 | stage 1 (A fragments re-read every tile).
+constexpr int F_SMEM = FWD_MW == 1 ? 2 * (F_STAGE + (F_Q > F_STAGE ? F_Q : F_STAGE))
+                                   : 2 * (F_Q + 2 * F_STAGE);
+static_assert(FWD_BM % F_RW == 0 && (FWD_MW == 1 || FWD_MW == 2), "FWD_MW is 1 or 2");
 
-// Online softmax of one S tile (raw scores, masked ones -inf) for the warp's rows g, g+8; leaves P
-// (fp32) in s and rescales acc and the running sums.
+// Online softmax of one S tile (raw scores, masked ones -inf) for rows g, g+8 of an m-tile; leaves
+// P (fp32) in s and updates acc and the running sums. The reference max of a row (mrow) only
+// moves when the tile's max exceeds it by more than 8 in exp2 units: P then stays below 256
+// (harmless for fp32 sums and 16-bit P fragments) and most tiles skip rescaling acc. A row that
+// has seen no key keeps mrow = -inf and exponents use 0 (P = exp2(-inf) = 0).
 template <bool MASKED>
 DEV void softmax_tile(float (&s)[FWD_BN / 8][4], float (&acc)[D_V / 8][4], float (&mrow)[2],
                       float (&lrow)[2], float c) {
+  float alpha[2];
+  bool grow_any = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = mrow[r];
+    float mx = -F_INF;
 #pragma unroll
     for (int nt = 0; nt < FWD_BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     mx = warp_max4(mx);
-    // a row that has seen no key yet keeps m = -inf; exponents then use 0 (P = exp2(-inf) = 0)
-    const float base = (MASKED && mx == -F_INF) ? 0.f : mx * c;
-    const float alpha = ex2_approx(mrow[r] * c - base);
-    mrow[r] = mx;
+    const bool grow = mx * c > mrow[r] * c + 8.f;  // always when mrow = -inf and mx is finite
+    alpha[r] = grow ? ex2_approx(mrow[r] * c - mx * c) : 1.f;
+    if (grow) mrow[r] = mx;
+    grow_any |= grow;
+    const float base = (MASKED && mrow[r] == -F_INF) ? 0.f : mrow[r] * c;
     float sum = 0.f;
 #pragma unroll
     for (int nt = 0; nt < FWD_BN / 8; ++nt) {
@@ -236,11 +249,15 @@ DEV void softmax_tile(float (&s)[FWD_BN / 8][4], float (&acc)[D_V / 8][4], float
         sum += pv;
       }
     }
-    lrow[r] = lrow[r] * alpha + sum;  // this thread's part of the row sum (quad-reduced at the end)
+    lrow[r] = lrow[r] * alpha[r] + sum;  // this thread's part of the row sum (quad-reduced at the end)
+  }
+  if (__any_sync(0xffffffffu, grow_any)) {  // warp-uniform: most tiles skip it
 #pragma unroll
     for (int dt = 0; dt < D_V / 8; ++dt) {
-      acc[dt][2 * r] *= alpha;
-      acc[dt][2 * r + 1] *= alpha;
+      acc[dt][0] *= alpha[0];
+      acc[dt][1] *= alpha[0];
+      acc[dt][2] *= alpha[1];
+      acc[dt][3] *= alpha[1];
     }
   }
 }
@@ -267,42 +284,56 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
   const u16* qp = (const u16*)p.q + (i64)(q0 + m0) * p.q_row + (i64)h * p.q_head;
   const u16* kp = (const u16*)p.k + (i64)k0 * p.k_row + (i64)hk * p.k_head;
   const u16* vp = (const u16*)p.v + (i64)k0 * p.v_row + (i64)hk * p.v_head;
-  const u32 s0 = smem_u32(smem), sR = s0 + 2 * F_STAGE;
+  const u32 base = smem_u32(smem);
+  // stages 0 and 1 (K tile then V tile each); sq: the Q tile, later the output tile
+  const u32 st0 = FWD_MW == 1 ? base : base + 2 * F_Q, st1 = st0 + 2 * F_STAGE;
+  const u32 sq = FWD_MW == 1 ? st1 : base;
+  u16* const sq_ptr = (u16*)(smem + (sq - base));
   auto load_kv = [&](int stage, int n) {
-    const u32 sk = stage ? sR : s0;
+    const u32 sk = stage ? st1 : st0;
     const int key0 = n * FWD_BN;
     load_tile<FWD_BN, D_QK, F_NT>(sk, kp + (i64)key0 * p.k_row, p.k_row, Lk - key0, tid);
     load_tile<FWD_BN, D_V, F_NT>(sk + 2 * F_TILE_K, vp + (i64)key0 * p.v_row, p.v_row, Lk - key0,
                                  tid);
   };
 
-  // Q into region R, the last (first processed) K/V tile into stage 0
-  load_tile<FWD_BM, D_QK, F_NT>(sR, qp, p.q_row, Lq - m0, tid);
+  // the Q tile, then the last (first processed) K/V tile into stage 0
+  load_tile<FWD_BM, D_QK, F_NT>(sq, qp, p.q_row, Lq - m0, tid);
   cp_async_commit();
   if (n_tiles > 0) load_kv(0, n_tiles - 1);
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
+  const Frag<CQ> fq = frag_a<CQ>(lane);
+#if FWD_MW == 1
   u32 qf[D_QK / 16][4];
-  {
-    const Frag<CQ> fq = frag_a<CQ>(lane);
-#pragma unroll
-    for (int kk = 0; kk < D_QK / 16; ++kk) ldsm_x4(qf[kk], at(fq, sR, warp * 16, kk));
-  }
 #pragma unroll
   for (int kk = 0; kk < D_QK / 16; ++kk) {
+    ldsm_x4(qf[kk], at(fq, sq, warp * 16, kk));
     if (p.neg_scale) {  // flip the sign bits: exact, and the row max stays a max
 #pragma unroll
       for (int i = 0; i < 4; ++i) qf[kk][i] ^= 0x80008000u;
     }
   }
+#else
+  if (p.neg_scale) {  // flip Q's sign bits in place: exact, and the row max stays a max
+    for (int i = tid; i < F_Q / 2; i += F_NT) ((u32*)sq_ptr)[i] ^= 0x80008000u;
+    __syncthreads();
+  }
+#endif
 
-  float acc[D_V / 8][4];
+  float acc[FWD_MW][D_V / 8][4], mrow[FWD_MW][2], lrow[FWD_MW][2];
 #pragma unroll
-  for (int dt = 0; dt < D_V / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-  float mrow[2] = {-F_INF, -F_INF}, lrow[2] = {0.f, 0.f};
+  for (int mw = 0; mw < FWD_MW; ++mw) {
+#pragma unroll
+    for (int dt = 0; dt < D_V / 8; ++dt)
+      acc[mw][dt][0] = acc[mw][dt][1] = acc[mw][dt][2] = acc[mw][dt][3] = 0.f;
+    mrow[mw][0] = mrow[mw][1] = -F_INF;
+    lrow[mw][0] = lrow[mw][1] = 0.f;
+  }
   const float c = p.scale_log2;
-  const int row_g = m0 + warp * 16 + (lane >> 2);  // sequence row of accumulator elements 0, 1
+  const int r_warp = warp * F_RW;                   // first tile row of this warp
+  const int row_g = m0 + r_warp + (lane >> 2);      // sequence row of elements 0, 1 of m-tile 0
   const Frag<CQ> fk = frag_b<CQ>(lane);
   const Frag<CV> fv = frag_a<CV>(lane);
 
@@ -314,56 +345,98 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
     __syncthreads();  // tile n landed for all threads; all are done with the other stage
     if (n > 0) load_kv((j + 1) & 1, n - 1);
     cp_async_commit();
-    const u32 sk = (j & 1) ? sR : s0, sv = sk + 2 * F_TILE_K;
+    const u32 sk = (j & 1) ? st1 : st0, sv = sk + 2 * F_TILE_K;
 
-    float s[FWD_BN / 8][4];
+    // S = Q K^T; each K fragment serves the warp's FWD_MW m-tiles
+    float s[FWD_MW][FWD_BN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < FWD_BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mw = 0; mw < FWD_MW; ++mw)
 #pragma unroll
-    for (int kk = 0; kk < D_QK / 16; ++kk) mma_col_tile(s, qf[kk], fk, sk, kk);
+      for (int nt = 0; nt < FWD_BN / 8; ++nt) s[mw][nt][0] = s[mw][nt][1] = s[mw][nt][2] = s[mw][nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D_QK / 16; ++kk) {
+      u32 a[FWD_MW][4];
+#pragma unroll
+      for (int mw = 0; mw < FWD_MW; ++mw) {
+#if FWD_MW == 1
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[mw][i] = qf[kk][i];
+#else
+        ldsm_x4(a[mw], at(fq, sq, r_warp + mw * 16, kk));
+#endif
+      }
+#pragma unroll
+      for (int nb = 0; nb < FWD_BN / 16; ++nb) {
+        u32 bf[4];
+        ldsm_x4(bf, at(fk, sk, nb * 16, kk));
+#pragma unroll
+        for (int mw = 0; mw < FWD_MW; ++mw) {
+          mma16816(s[mw][2 * nb], a[mw], bf[0], bf[1]);
+          mma16816(s[mw][2 * nb + 1], a[mw], bf[2], bf[3]);
+        }
+      }
+    }
 
     if (n >= n_full) {
       const int col = n * FWD_BN + 2 * (lane & 3);
 #pragma unroll
-      for (int nt = 0; nt < FWD_BN / 8; ++nt) {
+      for (int mw = 0; mw < FWD_MW; ++mw) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = col + nt * 8 + (e & 1), row = row_g + (e >> 1) * 8;
-          if (key >= Lk || (p.causal && key > row + shift)) s[nt][e] = -F_INF;
+        for (int nt = 0; nt < FWD_BN / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = col + nt * 8 + (e & 1), row = row_g + mw * 16 + (e >> 1) * 8;
+            if (key >= Lk || (p.causal && key > row + shift)) s[mw][nt][e] = -F_INF;
+          }
         }
+        softmax_tile<true>(s[mw], acc[mw], mrow[mw], lrow[mw], c);
       }
-      softmax_tile<true>(s, acc, mrow, lrow, c);
     } else {
-      softmax_tile<false>(s, acc, mrow, lrow, c);
+#pragma unroll
+      for (int mw = 0; mw < FWD_MW; ++mw) softmax_tile<false>(s[mw], acc[mw], mrow[mw], lrow[mw], c);
     }
 
+    // O += P V; each V fragment serves the warp's FWD_MW m-tiles
 #pragma unroll
     for (int kk = 0; kk < FWD_BN / 16; ++kk) {
-      u32 a[4];
-      to_a(a, s, kk);
-      mma_row_tile(acc, a, fv, sv, kk * 16);
+      u32 a[FWD_MW][4];
+#pragma unroll
+      for (int mw = 0; mw < FWD_MW; ++mw) to_a(a[mw], s[mw], kk);
+#pragma unroll
+      for (int c2 = 0; c2 < D_V / 16; ++c2) {
+        u32 bf[4];
+        ldsm_x4_t(bf, at(fv, sv, kk * 16, c2));
+#pragma unroll
+        for (int mw = 0; mw < FWD_MW; ++mw) {
+          mma16816(acc[mw][2 * c2], a[mw], bf[0], bf[1]);
+          mma16816(acc[mw][2 * c2 + 1], a[mw], bf[2], bf[3]);
+        }
+      }
     }
   }
 
   cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the K/V stages: region R takes the output
-  float inv[2], lse[2];
+  __syncthreads();  // every warp is done with the K/V stages and Q: the Q tile takes the output
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = warp_sum4(lrow[r]);
-    // l == 0 exactly when the row saw no key
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? (mrow[r] * c + lg2_approx(l)) * LN2 : F_INF;
-  }
-  u16* o = (u16*)p.o + (i64)(q0 + m0 + warp * 16) * p.o_row + (i64)h * p.o_head;
-  store_rows<CV, D_V / 8>(acc, inv[0], inv[1], (u16*)(smem + 2 * F_STAGE), warp * 16, o, p.o_row,
-                          Lq - m0 - warp * 16, lane);
-  if ((lane & 3) == 0) {
-    float* lp = (float*)p.lse;
+  for (int mw = 0; mw < FWD_MW; ++mw) {
+    float inv[2], lse[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = row_g + 8 * r;
-      if (row < Lq) lp[(i64)(q0 + row) * p.lse_row + (i64)h * p.lse_head] = lse[r];
+      const float l = warp_sum4(lrow[mw][r]);
+      // l == 0 exactly when the row saw no key
+      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      lse[r] = l > 0.f ? (mrow[mw][r] * c + lg2_approx(l)) * LN2 : F_INF;
+    }
+    const int r0 = r_warp + mw * 16;
+    u16* o = (u16*)p.o + (i64)(q0 + m0 + r0) * p.o_row + (i64)h * p.o_head;
+    store_rows<CV, D_V / 8>(acc[mw], inv[0], inv[1], sq_ptr, r0, o, p.o_row, Lq - m0 - r0, lane);
+    if ((lane & 3) == 0) {
+      float* lp = (float*)p.lse;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row_g + mw * 16 + 8 * r;
+        if (row < Lq) lp[(i64)(q0 + row) * p.lse_row + (i64)h * p.lse_head] = lse[r];
+      }
     }
   }
 }

@@ -65,7 +65,7 @@ constexpr int KCH = D_QK / 8;     // 16-byte chunks per key row in shared memory
 // Independent accumulator sets for S: one warp's Q K^T is a chain of D_QK / 16 dependent MMAs
 // per n-tile; with few n-tiles, alternate sets keep several MMAs in flight (64-row tiles have
 // no registers to spare and more warps to hide the latency).
-constexpr int KSETS = SC == 8 ? 4 : 2;
+constexpr int KSETS = SC >= 32 ? 1 : SC == 8 ? 4 : 2;
 constexpr int P_STRIDE = BLOCK_N + 8;  // padded: conflict-free ldmatrix without a swizzle
 constexpr int TPT = 8;                  // threads per token when copying a tile
 static_assert(RB * CS == WARPS && SC % 8 == 0 && OC % 64 == 0 && BLOCK_N % 16 == 0, "tiling");
@@ -350,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
       for (int u = 0; u < KSETS; ++u)
         for (int j = 0; j < SC / 8; ++j) s_k[u][j][0] = s_k[u][j][1] = s_k[u][j][2] = s_k[u][j][3] = 0.f;
       const u32 k_base = smem_u32(k_tile);
-#pragma unroll 1
+#pragma unroll
       for (int kq = 0; kq < D_QK / 64; ++kq) {  // 64 dims (8 chunks: one swizzle period) a step
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -439,7 +439,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
             }
         }
       }
-#pragma unroll 1
+#pragma unroll
       for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
         u32 a[MT][4];
 #pragma unroll
