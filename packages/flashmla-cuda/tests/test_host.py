@@ -7,9 +7,9 @@ import re
 
 import numpy as np
 import pytest
-from flashmla_cuda import attention, compiler
+from flashmla_cuda import attention, cache_write, compiler, mha, splitkv
 from flashmla_cuda.compiler import Build, target_arch
-from flashmla_cuda.launch import I32, PTR, pack, struct_type
+from flashmla_cuda.launch import F32, I32, I64, PTR, pack, struct_type
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_pack_fills_every_field_and_rejects_mistakes():
     dtype = struct_type([("p", PTR), ("n", I32)])
     raw = pack(dtype, {"p": 0x1234, "n": -5})
     assert raw.nbytes == 16  # C pads the struct to its 8-byte alignment too
-    back = np.frombuffer(raw.tobytes(), dtype)[0]
+    back = np.frombuffer(raw.tobytes(), dtype.dtype)[0]
     assert back["p"] == 0x1234 and back["n"] == -5
     with pytest.raises(KeyError, match="missing"):
         pack(dtype, {"p": 1})
@@ -58,20 +58,41 @@ def test_pack_fills_every_field_and_rejects_mistakes():
         pack(dtype, {"p": 1, "n": 2, "oops": 3})
 
 
-def _c_fields(source: str, struct: str) -> list[str]:
-    """Field names of ``struct`` in a kernel source, in order."""
+def _c_struct(source: str, name: str) -> list[tuple[str, type]]:
+    """Fields of ``struct name`` in ``kernels/source`` as (name, launch kind)."""
     text = (compiler.KERNELS / source).read_text()
-    body = re.search(r"struct " + struct + r" \{(.*?)\n\};", text, re.S).group(1)
-    names = []
+    body = re.search(rf"struct {name} \{{(.*?)\}};", text, re.S).group(1)
+    fields = []
     for decl in re.sub(r"//[^\n]*", "", body).split(";"):
-        decl = decl.strip()
-        if decl:  # "i64 a, b" or "const u16* q": the last identifier of each declarator
-            names.extend(re.findall(r"\w+", part)[-1] for part in decl.split(","))
-    return names
+        decl = " ".join(decl.split())  # declarations may span lines
+        if not decl:
+            continue
+        ctype, names = re.match(r"((?:const )?\w+\s*\*?)\s*(.*)", decl).groups()
+        kinds = {"i64": I64, "u64": PTR, "int": I32, "float": F32}
+        kind = PTR if "*" in ctype else kinds[ctype.strip()]
+        fields += [(n.strip(), kind) for n in names.split(",")]
+    return fields
 
 
-def test_attention_params_mirror_the_c_struct():
-    assert list(attention.PARAMS.names) == _c_fields("mla_attention.cu", "Params")
+@pytest.mark.parametrize(
+    "source,name,layout",
+    [
+        ("mla_attention.cu", "MlaParams", attention.PARAMS),
+        ("splitkv.cu", "ScheduleParams", splitkv.SCHEDULE_PARAMS),
+        ("splitkv.cu", "CombineParams", splitkv.COMBINE_PARAMS),
+        ("cache_write.cu", "CacheWriteParams", cache_write.PARAMS),
+        ("mha.cu", "MhaFwdParams", mha.FWD_PARAMS),
+        ("mha.cu", "MhaPrepParams", mha.PREP_PARAMS),
+        ("mha.cu", "MhaBwdParams", mha.BWD_PARAMS),
+    ],
+)
+def test_param_structs_mirror_c(source, name, layout):
+    """Every Python parameter struct matches its C struct field by field (name and kind), so a
+    field added on one side only fails here, not as garbage arguments on the GPU."""
+    dtype = layout.dtype
+    assert [(n, dtype.fields[n][0].type) for n in dtype.names] == _c_struct(source, name)
+    assert dtype.itemsize % 8 == 0  # padded to the pointers' alignment, as C does
+    assert layout.packer.size == dtype.itemsize
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (8, 6), (9, 0), (10, 0)])

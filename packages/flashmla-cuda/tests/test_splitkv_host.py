@@ -1,6 +1,5 @@
 """Host checks of the split-KV and cache-write kernels, on the CPU.
 
-* The Python parameter structs mirror the C structs field by field.
 * The kernels' sequential logic, compiled for the host by a C++ compiler (skipped without one):
   the schedule kernel run by one thread (with tiny staging chunks, so the chunked walk is
   exercised) against :func:`flashmla.scheduler.split_kv_schedule`, and the FP8 quantization
@@ -11,55 +10,18 @@ from __future__ import annotations
 
 import ctypes
 import random
-import re
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
-from flashmla_cuda import cache_write, splitkv
 from flashmla_cuda.compiler import KERNELS
-from flashmla_cuda.launch import F32, I32, I64, PTR
 
 from flashmla import formats, scheduler
 
 CXX = shutil.which("c++") or shutil.which("g++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
-
-# -------------------------------------------------------------------------------------------
-# Parameter structs
-
-
-def _c_struct(source: str, name: str) -> list[tuple[str, type]]:
-    """Fields of ``struct name`` in ``kernels/source`` as (name, launch kind)."""
-    text = (KERNELS / source).read_text()
-    body = re.search(rf"struct {name} \{{(.*?)\}};", text, re.S).group(1)
-    fields = []
-    for decl in re.sub(r"//[^\n]*", "", body).split(";"):
-        decl = decl.strip()
-        if not decl:
-            continue
-        ctype, names = re.match(r"((?:const )?\w+\s*\*?)\s*(.*)", decl).groups()
-        kind = PTR if "*" in ctype else {"i64": I64, "int": I32, "float": F32}[ctype.strip()]
-        fields += [(n.strip(), kind) for n in names.split(",")]
-    return fields
-
-
-@pytest.mark.parametrize(
-    "source,name,dtype",
-    [
-        ("splitkv.cu", "ScheduleParams", splitkv.SCHEDULE_PARAMS),
-        ("splitkv.cu", "CombineParams", splitkv.COMBINE_PARAMS),
-        ("cache_write.cu", "CacheWriteParams", cache_write.PARAMS),
-    ],
-)
-def test_param_structs_mirror_c(source, name, dtype):
-    want = _c_struct(source, name)
-    got = [(n, dtype.fields[n][0].type) for n in dtype.names]
-    assert got == want
-    assert dtype.itemsize % 8 == 0  # padded to the pointers' alignment, as C does
-
 
 # -------------------------------------------------------------------------------------------
 # Host builds of kernel sections

@@ -79,7 +79,7 @@ constexpr int RAW_CH = FMT == 1 ? 41 : 36;
 constexpr int NOPE = FMT == 1 ? 512 : 448;
 static_assert(FMT == 0 || D_QK == (FMT == 1 ? 576 : 512), "FP8 layouts fix the head dim");
 
-struct Params {
+struct MlaParams {
   const u16* q;
   u16* out;
   float* lse;
@@ -215,7 +215,7 @@ DEV void dequantize_tile(const u8* raw_tiles, u16* k_tile, int stage, int tid) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention(const Params p) {
+extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention(const MlaParams p) {
   extern __shared__ __align__(128) u8 smem[];
   u16* q_s = reinterpret_cast<u16*>(smem);                         // [BLOCK_M][D_QK] swizzled
   u16* k_s = q_s + BLOCK_M * D_QK;                                  // [STAGES or 1][BLOCK_N][D_QK]

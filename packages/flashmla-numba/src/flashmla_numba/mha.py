@@ -1,0 +1,1 @@
+def mha_forward(p): raise NotImplementedError
