@@ -77,7 +77,7 @@ def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
     """Tiles for ``rows`` query rows per group. Few rows (memory-bound): 16-row tiles of 4 warps,
     two CTAs per SM with two stages each. Otherwise 32 or 64 rows with 8 warps, and 64-token
@@ -101,7 +101,7 @@ def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
     raise RuntimeError(f"the attention kernel needs more shared memory than the {smem_limit} here")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_for(cfg: Config, fmt: int, d_qk: int, sparse: bool, fp16: bool) -> Build:
     return Build.of(
         "mla_attention.cu",

@@ -477,9 +477,7 @@ def dense_decode(p: DenseDecodeProblem, plan: object = None) -> tuple[torch.Tens
     return out, lse
 
 
-def sparse_decode(
-    p: SparseDecodeProblem, plan: object = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_decode(p: SparseDecodeProblem, plan: object = None) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = p.empty_outputs()
     b, s_q, h_q, _ = p.q.shape
     extra = None

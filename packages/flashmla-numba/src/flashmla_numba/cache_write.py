@@ -1,1 +1,2 @@
-def cache_write(p): raise NotImplementedError
+def cache_write(p):
+    raise NotImplementedError

@@ -106,6 +106,11 @@ def combine(
     sink_arg = placeholder(out4.device, torch.float32, 1) if sink is None else array(sink)
     grid = (b * s_q, -(-h_q // HEADS))
     combine_kernel[grid, THREADS, stream](
-        array(o_part), array(lse_part), array(out4), array(lse3), sink_arg, sink is not None,
+        array(o_part),
+        array(lse_part),
+        array(out4),
+        array(lse3),
+        sink_arg,
+        sink is not None,
         out4.dtype == torch.float16,
     )
