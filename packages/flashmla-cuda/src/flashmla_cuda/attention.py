@@ -63,7 +63,8 @@ class Config:
 
 def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
     """Dynamic shared memory of the kernel's layout (queries, key tiles, raw FP8 records,
-    P, row reductions and factors, validity flags); the kernel traps if given less."""
+    P, row reductions and factors, 16-row tiles' partial scores, validity flags); the kernel
+    traps if given less."""
     key_tiles = (cfg.stages if fmt == 0 else 1) * cfg.block_n * d_qk * 2
     raw = 0 if fmt == 0 else cfg.stages * cfg.block_n * RAW_BYTES[fmt]
     col_splits = cfg.warps // (cfg.block_m // 16)
@@ -73,6 +74,7 @@ def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
         + raw
         + cfg.block_m * (cfg.block_n + 8) * 2
         + (col_splits + 1) * cfg.block_m * 4
+        + (cfg.warps * 16 * (cfg.block_n + 8) * 4 if cfg.block_m == 16 else 0)  # partial S
         + cfg.stages * cfg.block_n
     )
 

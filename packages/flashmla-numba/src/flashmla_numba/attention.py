@@ -347,6 +347,8 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                             acc[i, c] += prob * v_reg[c]
                 cuda.syncthreads()
 
+        cuda.syncthreads()  # row statistics are final (and initialised, for an empty piece)
+
         # 5. Epilogue: a whole request writes out = O / l and lse = m + log(l) (with the
         # attention sink); a piece of a split request writes its partial result instead.
         for i in range(rows_per_warp):

@@ -22,6 +22,9 @@ from numba import cuda
 
 from . import SIM
 
+if SIM:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
 # Threads per CTA of the attention kernels. The simulator pays for every thread (an OS thread)
 # and for every barrier (proportional to the thread count), so it runs the same tiling with
 # fewer, busier threads; the kernels derive their thread-to-work mapping from this number.
@@ -59,7 +62,9 @@ def array(t: torch.Tensor) -> Any:
     if view is not None:
         t = t.view(view)
     if SIM:
-        return t.numpy()
+        # The simulator's own device-array type: used in place (a numpy argument would be
+        # copied in and out, and must be contiguous).
+        return FakeCUDAArray(t.numpy())
     # sync=False: reading a view must not synchronise any stream (CUDA-graph capture)
     return cuda.as_cuda_array(t, sync=False)
 

@@ -655,9 +655,9 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
   const u16* kp = (const u16*)p.k + (i64)(k0 + n0) * p.k_row + (i64)hk * p.k_head;
   const u16* vp = (const u16*)p.v + (i64)(k0 + n0) * p.v_row + (i64)hk * p.v_head;
   const u32 sk = smem_u32(smem), sv = sk + 2 * K_K, st0 = sv + 2 * K_V;
-  // tile t: query head hk * group + t / n_mt, queries lo + (t % n_mt) * KV_BM ..
-  auto load_q = [&](int stage, int t) {
-    const int g = t / n_mt, m = lo + (t - g * n_mt) * KV_BM, h = hk * p.group + g;
+  // tiles in order: query heads hk * group + g (g = 0 .. group-1), each over queries lo .. Lq
+  auto load_q = [&](int stage, int g, int m) {
+    const int h = hk * p.group + g;
     const u32 s = st0 + stage * 2 * K_STAGE, sdo = s + 2 * K_TILE_Q, sl = sdo + 2 * KV_BM * D_V;
     load_tile<KV_BM, D_QK, K_NT>(
         s, (const u16*)p.q + (i64)(q0 + m) * p.q_row + (i64)h * p.q_head, p.q_row, Lq - m, tid);
@@ -675,7 +675,8 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
   load_tile<KV_BN, D_QK, K_NT>(sk, kp, p.k_row, Lk - n0, tid);
   load_tile<KV_BN, D_V, K_NT>(sv, vp, p.v_row, Lk - n0, tid);
   cp_async_commit();
-  if (total > 0) load_q(0, 0);
+  int ld_g = 0, ld_m = lo;  // next tile to load
+  if (total > 0) load_q(0, ld_g, ld_m);
   cp_async_commit();
 
   float dk[D_QK / 8][4], dv[D_V / 8][4];
@@ -691,9 +692,14 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
   for (int t = 0; t < total; ++t) {
     cp_async_wait<0>();
     __syncthreads();
-    if (t + 1 < total) load_q((t + 1) & 1, t + 1);
+    const int m = ld_m;  // this tile's first query
+    ld_m += KV_BM;
+    if (ld_m >= Lq) {
+      ld_m = lo;
+      ++ld_g;
+    }
+    if (t + 1 < total) load_q((t + 1) & 1, ld_g, ld_m);
     cp_async_commit();
-    const int g = t / n_mt, m = lo + (t - g * n_mt) * KV_BM;
     const u32 sq = st0 + (t & 1) * 2 * K_STAGE, sdo = sq + 2 * K_TILE_Q;
     const float* sl = (const float*)(smem + (sdo - sk) + 2 * KV_BM * D_V);
 

@@ -66,7 +66,15 @@ constexpr int KCH = D_QK / 8;     // 16-byte chunks per key row in shared memory
 // per n-tile; with few n-tiles, alternate sets keep several MMAs in flight (64-row tiles have
 // no registers to spare and more warps to hide the latency).
 constexpr int KSETS = SC >= 32 ? 1 : SC == 8 ? 4 : 2;
-constexpr int P_STRIDE = BLOCK_N + 8;  // padded: conflict-free ldmatrix without a swizzle
+constexpr int P_STRIDE = BLOCK_N + 8;
+// 16-row tiles (memory-bound shapes) split Q K^T over the head dim instead: each warp keeps the
+// queries of its dims in registers and scores every token of the tile against them, so K is read
+// from shared memory once per tile (not once per warp); the partial scores are summed through
+// shared memory (rows padded to 40 floats: conflict-free float2 accesses).
+constexpr bool QREG = BLOCK_M == 16;
+constexpr int KW = D_QK / 16 / WARPS;  // k-steps per warp when QREG
+constexpr int SRED = BLOCK_N + 8;
+static_assert(!QREG || (D_QK / 16) % WARPS == 0, "head dim split");  // padded: conflict-free ldmatrix without a swizzle
 constexpr int TPT = 8;                  // threads per token when copying a tile
 static_assert(RB * CS == WARPS && SC % 8 == 0 && OC % 64 == 0 && BLOCK_N % 16 == 0, "tiling");
 static_assert(THREADS % TPT == 0 && BLOCK_N % (THREADS / TPT) == 0 || THREADS / TPT > BLOCK_N,
@@ -223,7 +231,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
   u16* p_s = reinterpret_cast<u16*>(raw_s + (FMT == 0 ? 0 : STAGES * BLOCK_N * RAW));
   float* red_s = reinterpret_cast<float*>(p_s + BLOCK_M * P_STRIDE);  // [CS][BLOCK_M]
   float* row_s = red_s + CS * BLOCK_M;  // [BLOCK_M]: per tile alpha, at the end the out factor
-  unsigned char* valid_s = reinterpret_cast<unsigned char*>(row_s + BLOCK_M);
+  float* part_s = row_s + BLOCK_M;      // QREG: [WARPS][16][SRED] partial scores
+  unsigned char* valid_s = reinterpret_cast<unsigned char*>(part_s + (QREG ? WARPS * 16 * SRED : 0));
 
   {  // the launcher's size of this layout must cover it: trap rather than corrupt memory
     u32 given;
@@ -323,6 +332,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
     for (int mt = 0; mt < MT; ++mt)
       for (int j = 0; j < OC / 8; ++j) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.f;
     float m_i[2] = {-F_INF, -F_INF}, l_i[2] = {0.f, 0.f};
+    u32 qa[QREG ? KW : 1][4];  // QREG: this warp's query fragments (loaded with the first tile)
 
     for (int it = 0; it < tiles; ++it) {
       cp_async_wait<STAGES - 2>();
@@ -346,38 +356,80 @@ extern "C" __global__ void __launch_bounds__(THREADS, CTAS_PER_SM) mla_attention
       const int start = tile_start(it);
 
       // S = Q K^T for 16 rows x SC tokens.
-      float s[SC / 8][4], s_k[KSETS][SC / 8][4];
-      for (int u = 0; u < KSETS; ++u)
-        for (int j = 0; j < SC / 8; ++j) s_k[u][j][0] = s_k[u][j][1] = s_k[u][j][2] = s_k[u][j][3] = 0.f;
+      float s[SC / 8][4];
       const u32 k_base = smem_u32(k_tile);
+      if constexpr (QREG) {
+        if (it == 0) {
 #pragma unroll
-      for (int kq = 0; kq < D_QK / 64; ++kq) {  // 64 dims (8 chunks: one swizzle period) a step
+          for (int kk = 0; kk < KW; ++kk)
+            ldsm_x4(qa[kk], smem_u32(q_s) + 2 * swz<KCH>(lane % 16, 2 * (warp * KW + kk) + lane / 16));
+        }
+        float sp[BLOCK_N / 8][4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          u32 a[4];
-          ldsm_x4(a, q_addr + 2 * 8 * (kq * 8 + sw_a[k]));
+        for (int j = 0; j < BLOCK_N / 8; ++j) sp[j][0] = sp[j][1] = sp[j][2] = sp[j][3] = 0.f;
 #pragma unroll
-          for (int j = 0; j < SC / 16; ++j) {
+        for (int kk = 0; kk < KW; ++kk) {
+          const u32 chunk = (2 * (warp * KW + kk) + (lane / 8) % 2) ^ x;
+#pragma unroll
+          for (int j = 0; j < BLOCK_N / 16; ++j) {
             u32 b[4];
-            ldsm_x4(b, k_base + s_row + 2 * (j * 16 * KCH * 8 + 8 * (kq * 8 + sw_b[k])));
-            mma16816(s_k[k % KSETS][2 * j], a, b[0], b[1]);
-            mma16816(s_k[k % KSETS][2 * j + 1], a, b[2], b[3]);
-          }
-          if (SC % 16) {
-            u32 b[2];
-            ldsm_x2(b, k_base + s_row + 2 * ((SC / 16) * 16 * KCH * 8 + 8 * (kq * 8 + sw_b[k])));
-            mma16816(s_k[k % KSETS][SC / 8 - 1], a, b[0], b[1]);
+            ldsm_x4(b, k_base + 2 * ((j * 16 + lane % 8 + (lane / 16) * 8) * KCH * 8 + chunk * 8));
+            mma16816(sp[2 * j], qa[kk], b[0], b[1]);
+            mma16816(sp[2 * j + 1], qa[kk], b[2], b[3]);
           }
         }
+        float* mine = part_s + warp * 16 * SRED;
+#pragma unroll
+        for (int j = 0; j < BLOCK_N / 8; ++j) {
+          *reinterpret_cast<float2*>(mine + g * SRED + j * 8 + 2 * t4) = make_float2(sp[j][0], sp[j][1]);
+          *reinterpret_cast<float2*>(mine + (g + 8) * SRED + j * 8 + 2 * t4) =
+              make_float2(sp[j][2], sp[j][3]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < SC / 8; ++j) {
+          s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+          for (int w = 0; w < WARPS; ++w) {
+            const float* src = part_s + w * 16 * SRED + cs * SC + j * 8 + 2 * t4;
+            const float2 lo = *reinterpret_cast<const float2*>(src + g * SRED);
+            const float2 hi = *reinterpret_cast<const float2*>(src + (g + 8) * SRED);
+            s[j][0] += lo.x, s[j][1] += lo.y, s[j][2] += hi.x, s[j][3] += hi.y;
+          }
+        }
+      } else {
+        float s_k[KSETS][SC / 8][4];
+        for (int u = 0; u < KSETS; ++u)
+          for (int j = 0; j < SC / 8; ++j) s_k[u][j][0] = s_k[u][j][1] = s_k[u][j][2] = s_k[u][j][3] = 0.f;
+#pragma unroll
+        for (int kq = 0; kq < D_QK / 64; ++kq) {  // 64 dims (8 chunks: one swizzle period) a step
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            u32 a[4];
+            ldsm_x4(a, q_addr + 2 * 8 * (kq * 8 + sw_a[k]));
+#pragma unroll
+            for (int j = 0; j < SC / 16; ++j) {
+              u32 b[4];
+              ldsm_x4(b, k_base + s_row + 2 * (j * 16 * KCH * 8 + 8 * (kq * 8 + sw_b[k])));
+              mma16816(s_k[k % KSETS][2 * j], a, b[0], b[1]);
+              mma16816(s_k[k % KSETS][2 * j + 1], a, b[2], b[3]);
+            }
+            if (SC % 16) {
+              u32 b[2];
+              ldsm_x2(b, k_base + s_row + 2 * ((SC / 16) * 16 * KCH * 8 + 8 * (kq * 8 + sw_b[k])));
+              mma16816(s_k[k % KSETS][SC / 8 - 1], a, b[0], b[1]);
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < SC / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[j][e] = s_k[0][j][e];
+#pragma unroll
+            for (int u = 1; u < KSETS; ++u) s[j][e] += s_k[u][j][e];
+          }
       }
-#pragma unroll
-      for (int j = 0; j < SC / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = s_k[0][j][e];
-#pragma unroll
-          for (int u = 1; u < KSETS; ++u) s[j][e] += s_k[u][j][e];
-        }
 
       // Scale, mask, and this warp's row maxima.
       float mx[2] = {-F_INF, -F_INF};
