@@ -90,7 +90,7 @@ def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
         cfg = Config(16, 32, 4, 2, ctas_per_sm=2)
         if 2 * smem_bytes(cfg, fmt, d_qk) + 1024 <= smem_limit:
             return cfg
-    tiles = [(64, 8), (32, 8), (16, 4)]
+    tiles = [(64, 8), (32, 8), (16, 4), (16, 2)]
     first = 2 if rows <= 16 else 1 if rows <= 32 else 0
     for block_m, warps in tiles[first:]:
         # 64-token tiles halve the per-tile costs (barriers, softmax bookkeeping); 32 fit more
