@@ -59,6 +59,7 @@ class Config:
     warps: int
     stages: int
     ctas_per_sm: int = 1  # persistent CTAs per SM: two small ones overlap each other's barriers
+    qreg: bool = False  # 16-row tiles: Q K^T split over the head dim, queries in registers
 
 
 def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
@@ -74,7 +75,7 @@ def smem_bytes(cfg: Config, fmt: int, d_qk: int) -> int:
         + raw
         + cfg.block_m * (cfg.block_n + 8) * 2
         + (col_splits + 1) * cfg.block_m * 4
-        + (cfg.warps * 16 * (cfg.block_n + 8) * 4 if cfg.block_m == 16 else 0)  # partial S
+        + (cfg.warps * 16 * (cfg.block_n + 8) * 4 if cfg.qreg else 0)  # partial scores
         + cfg.stages * cfg.block_n
     )
 
@@ -87,10 +88,10 @@ def choose_config(rows: int, fmt: int, d_qk: int, smem_limit: int) -> Config:
     they fit). Devices with little shared memory get smaller row tiles (more passes over the
     cache, but it fits)."""
     if rows <= 16:
-        cfg = Config(16, 32, 4, 2, ctas_per_sm=2)
+        cfg = Config(16, 32, 4, 2, ctas_per_sm=2, qreg=True)
         if 2 * smem_bytes(cfg, fmt, d_qk) + 1024 <= smem_limit:
             return cfg
-    tiles = [(64, 8), (32, 8), (16, 4), (16, 2)]
+    tiles = [(64, 8), (32, 8), (16, 4)]
     first = 2 if rows <= 16 else 1 if rows <= 32 else 0
     for block_m, warps in tiles[first:]:
         # 64-token tiles halve the per-tile costs (barriers, softmax bookkeeping); 32 fit more
@@ -108,7 +109,7 @@ def build_for(cfg: Config, fmt: int, d_qk: int, sparse: bool, fp16: bool) -> Bui
     return Build.of(
         "mla_attention.cu",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARPS=cfg.warps, STAGES=cfg.stages, FMT=fmt,
-        D_QK=d_qk, SPARSE=sparse, DTYPE_FP16=fp16, CTAS_PER_SM=cfg.ctas_per_sm,
+        D_QK=d_qk, SPARSE=sparse, DTYPE_FP16=fp16, CTAS_PER_SM=cfg.ctas_per_sm, QREG=cfg.qreg,
     )  # fmt: skip
 
 

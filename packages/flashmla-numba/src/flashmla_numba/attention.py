@@ -400,7 +400,7 @@ def split_plan(ctas: int, list_len: int, device: torch.device) -> tuple[int, int
     return -(-max(list_len, 1) // chunk), chunk
 
 
-def _cache_array(cache: torch.Tensor, fmt: CacheFormat):
+def cache_array(cache: torch.Tensor, fmt: CacheFormat):
     """Plain caches as [pages, page, h_kv, d] bits; FP8 ones as [pages, page bytes] (a page's
     bytes are contiguous; MODEL1's token and scale records both live there)."""
     if not fmt.is_fp8:
@@ -439,9 +439,9 @@ def run_attention(
 
     if extra is not None:
         cache2_t, slots2, lengths2 = extra
-        cache2, page2, pages2 = _cache_array(cache2_t, fmt), cache2_t.shape[1], cache2_t.shape[0]
+        cache2, page2, pages2 = cache_array(cache2_t, fmt), cache2_t.shape[1], cache2_t.shape[0]
     else:
-        cache2, slots2, lengths2, page2, pages2 = _cache_array(cache, fmt), None, None, 1, 0
+        cache2, slots2, lengths2, page2, pages2 = cache_array(cache, fmt), None, None, 1, 0
     if n_chunks > 1:
         o_part = torch.empty((b, n_chunks, s_q, h_q, D_V), dtype=torch.float32, device=dev)
         lse_part = torch.empty((b, n_chunks, s_q, h_q), dtype=torch.float32, device=dev)
@@ -451,7 +451,7 @@ def run_attention(
         array(q4), array(out4), array(lse3), maybe(max_logits3, torch.float32, 3),
         maybe(o_part, torch.float32, 5),
         array(lse_part) if lse_part is not None else placeholder(dev, torch.float32, 4),
-        _cache_array(cache, fmt), array(slots), maybe(lengths, torch.int32, 1),
+        cache_array(cache, fmt), array(slots), maybe(lengths, torch.int32, 1),
         cache2, maybe(slots2, torch.int32, 3), maybe(lengths2, torch.int32, 1),
         maybe(sink, torch.float32, 1), e4m3_table(dev),
         page, cache.shape[0], page2, pages2, group, rows, scalar(scale),

@@ -441,6 +441,8 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
   }
 }
 
+static_assert(sizeof(MhaFwdParams) == 160, "mirrored by mha.py's FWD_PARAMS");
+
 // ---------------------------------------------------------------------------------------------
 // Backward: preprocessing
 
@@ -449,6 +451,8 @@ struct MhaPrepParams {
   i64 o_row, o_head, do_row, do_head, lse_row, lse_head, dlse_row, dlse_head;
   int total_q, h_q;
 };
+
+static_assert(sizeof(MhaPrepParams) == 120, "mirrored by mha.py's PREP_PARAMS");
 
 constexpr int P_NT = 256, P_TPR = D_V / 8, P_RPB = P_NT / P_TPR;  // threads per row, rows per CTA
 
@@ -492,6 +496,8 @@ struct MhaBwdParams {
   float scale;       // softmax_scale (dQ, dK factor)
   float scale_log2;  // softmax_scale * log2(e): P = exp2(S * scale_log2 - lse2)
 };
+
+static_assert(sizeof(MhaBwdParams) == 224, "mirrored by mha.py's BWD_PARAMS");
 
 constexpr int Q_NW = DQ_BM / 16, Q_NT = Q_NW * 32;
 constexpr int Q_TILE_K = DQ_BN * D_QK, Q_STAGE = DQ_BN * (D_QK + D_V);
@@ -765,3 +771,8 @@ extern "C" __global__ void __launch_bounds__(K_NT) mha_bwd_dkdv(const MhaBwdPara
   store_rows<CV, D_V / 8>(dv, 1.f, 1.f, (u16*)(smem + 2 * K_K), warp * 16, dvp, p.dv_row, valid,
                           lane);
 }
+
+#ifdef MHA_SMEM_FWD  // tests: the launcher's shared-memory sizes (mha.py MhaTiles) match
+static_assert(F_SMEM == MHA_SMEM_FWD && DQ_SMEM == MHA_SMEM_DQ && KV_SMEM == MHA_SMEM_KV,
+              "mha.py's shared-memory sizes disagree with the kernels'");
+#endif

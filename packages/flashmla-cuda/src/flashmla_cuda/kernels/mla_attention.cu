@@ -26,7 +26,7 @@
 // FP8 records are copied raw and dequantized into the bf16 tile in shared memory.
 //
 // Defines: BLOCK_M, BLOCK_N, WARPS, STAGES, FMT (0 plain, 1 FP8 V3.2, 2 FP8 MODEL1), D_QK,
-// SPARSE, DTYPE_FP16.
+// SPARSE, DTYPE_FP16, CTAS_PER_SM, QREG.
 #include "common.cuh"
 
 #ifndef BLOCK_M
@@ -71,7 +71,10 @@ constexpr int P_STRIDE = BLOCK_N + 8;
 // queries of its dims in registers and scores every token of the tile against them, so K is read
 // from shared memory once per tile (not once per warp); the partial scores are summed through
 // shared memory (rows padded to 40 floats: conflict-free float2 accesses).
-constexpr bool QREG = BLOCK_M == 16;
+#ifndef QREG
+#define QREG 0
+#endif
+static_assert(!QREG || BLOCK_M == 16, "queries in registers: 16-row tiles only");
 constexpr int KW = D_QK / 16 / WARPS;  // k-steps per warp when QREG
 constexpr int SRED = BLOCK_N + 8;
 static_assert(!QREG || (D_QK / 16) % WARPS == 0, "head dim split");  // padded: conflict-free ldmatrix without a swizzle
