@@ -55,13 +55,13 @@ from .numerics import (
     int_as_float,
     round_to_bf16,
 )
+from .tiles import MICRO, add_scores, pv_step, rescale_rows, scores_step, softmax_row
 
 BLOCK_N = 32  # keys per tile
 CHUNK_D = 64  # query/key dims staged in shared memory per step of S = Q K^T
 V_TOKENS = 8  # value rows staged per step of O += P V (all 512 columns at once)
 D_V = 512
 COLS_PER_LANE = D_V // 32  # output columns of one lane: lane, lane + 32, ...
-MICRO = 4  # a thread of S = Q K^T owns a MICRO x MICRO block of scores
 
 FMT_PLAIN, FMT_V32, FMT_MODEL1 = 0, 1, 2
 FMT_CODE = {
@@ -99,6 +99,10 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
     dims_per_group = CHUNK_D // dim_groups
     assert rows_per_warp * warps == block_m and dim_groups * score_tiles == threads
     assert dims_per_group * dim_groups == CHUNK_D and d_qk % CHUNK_D == 0
+    # shared-memory shapes (numba needs them as constants); +1 columns avoid bank conflicts
+    q_shape, k_shape, v_shape = (block_m, CHUNK_D + 1), (BLOCK_N, CHUNK_D + 1), (V_TOKENS, D_V)
+    p_shape, scale_shape = (block_m, BLOCK_N + 1), (BLOCK_N, MAX_SCALES)
+    acc_shape = (rows_per_warp, COLS_PER_LANE)
     if fmt == FMT_V32:
         record, nope, scale_tile, rope_at = V32_RECORD, V32_NOPE, V32_TILE, V32_ROPE_AT
     else:
@@ -177,14 +181,14 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
         s_q = q.shape[1]
         head = 0 if sparse else group_id  # KV head of plain caches
 
-        q_s = cuda.shared.array((block_m, CHUNK_D + 1), float32)  # +1: no bank conflicts
-        k_s = cuda.shared.array((BLOCK_N, CHUNK_D + 1), float32)
-        v_s = cuda.shared.array((V_TOKENS, D_V), float32)
-        p_s = cuda.shared.array((block_m, BLOCK_N + 1), float32)  # scores, then probabilities
+        q_s = cuda.shared.array(q_shape, float32)  # a chunk of dims of the queries,
+        k_s = cuda.shared.array(k_shape, float32)  # the same dims of the tile's keys,
+        v_s = cuda.shared.array(v_shape, float32)  # a few rows of values (all 512 dims)
+        p_s = cuda.shared.array(p_shape, float32)  # scores, then probabilities
         key_page = cuda.shared.array(BLOCK_N, int32)  # where each key of the tile lives,
         key_row = cuda.shared.array(BLOCK_N, int32)  # page -1 for an invalid key
         key_list = cuda.shared.array(BLOCK_N, int32)  # 0: main cache, 1: extra cache
-        key_scale = cuda.shared.array((BLOCK_N, MAX_SCALES), float32)
+        key_scale = cuda.shared.array(scale_shape, float32)
         row_max = cuda.shared.array(block_m, float32)  # running max of scaled scores
         row_sum = cuda.shared.array(block_m, float32)  # running sum of exp(score - max)
         row_alpha = cuda.shared.array(block_m, float32)  # this tile's rescaling factor
@@ -210,7 +214,7 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
         for r in range(tid, block_m, threads):
             row_max[r] = NEG_INF
             row_sum[r] = ZERO
-        acc = cuda.local.array((rows_per_warp, COLS_PER_LANE), float32)  # this lane's O
+        acc = cuda.local.array(acc_shape, float32)  # this lane's part of O
         for i in range(rows_per_warp):
             for c in range(COLS_PER_LANE):
                 acc[i, c] = ZERO
@@ -256,7 +260,8 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                         read_scales(cache2, page_id, row, page2, key_scale, n)
             cuda.syncthreads()
 
-            # 2. S = Q K^T, over chunks of CHUNK_D dims staged in shared memory.
+            # 2. S = Q K^T over chunks of CHUNK_D dims staged in shared memory (queries are
+            # re-staged per tile: fp32 copies of all 576 dims would not fit next to the keys).
             for i in range(MICRO):
                 for j in range(MICRO):
                     s_acc[i, j] = ZERO
@@ -277,58 +282,29 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                         d0 + d,
                     )  # fmt: skip
                 cuda.syncthreads()
-                for d in range(dim0, dim0 + dims_per_group):
-                    for j in range(MICRO):
-                        k_reg[j] = k_s[tile_n * MICRO + j, d]
-                    for i in range(MICRO):
-                        qv = q_s[tile_m * MICRO + i, d]
-                        for j in range(MICRO):
-                            s_acc[i, j] += qv * k_reg[j]
+                scores_step(q_s, k_s, s_acc, k_reg, tile_m * MICRO, tile_n * MICRO, dim0,
+                            dims_per_group)  # fmt: skip
                 cuda.syncthreads()
-            # The dim groups add their partial scores into p_s, one group after another.
-            for g in range(dim_groups):
+            for g in range(dim_groups):  # the dim slices add up in p_s, one after another
                 if dim0 == g * dims_per_group:
-                    for i in range(MICRO):
-                        for j in range(MICRO):
-                            if g == 0:
-                                p_s[tile_m * MICRO + i, tile_n * MICRO + j] = s_acc[i, j]
-                            else:
-                                p_s[tile_m * MICRO + i, tile_n * MICRO + j] += s_acc[i, j]
+                    add_scores(p_s, s_acc, tile_m * MICRO, tile_n * MICRO, g == 0)
                 cuda.syncthreads()
 
-            # 3. Online softmax, one thread per row: mask, new running max, P = exp(S - max).
+            # 3. Scale, mask what a row may not see, online softmax (one thread per row).
             for r in range(tid, block_m, threads):
-                last = hi - 1  # last position this row may see
+                last = hi - 1
                 if causal:  # bottom-right aligned: token t sees positions <= length - s_q + t
-                    t = (m0 + r) // group
-                    last = min(last, length - s_q + t)
-                m_old = row_max[r]
-                m_new = m_old
+                    last = min(last, length - s_q + (m0 + r) // group)
                 for n in range(BLOCK_N):
                     if start + n <= last and key_page[n] >= 0:
-                        s = p_s[r, n] * scale
-                        p_s[r, n] = s
-                        m_new = max(m_new, s)
+                        p_s[r, n] *= scale
                     else:
                         p_s[r, n] = NEG_INF
-                # A row that has seen no key yet keeps max -inf; subtract 0 instead (no NaN).
-                m_use = m_new if m_new != NEG_INF else ZERO
-                alpha = math.exp(m_old - m_use)
-                total = ZERO
-                for n in range(BLOCK_N):
-                    prob = math.exp(p_s[r, n] - m_use)
-                    p_s[r, n] = prob
-                    total += prob
-                row_max[r] = m_new
-                row_sum[r] = row_sum[r] * alpha + total
-                row_alpha[r] = alpha
+                softmax_row(p_s, r, BLOCK_N, row_max, row_sum, row_alpha)
             cuda.syncthreads()
 
-            # 4. O = alpha O + P V, V staged V_TOKENS keys at a time (all 512 columns).
-            for i in range(rows_per_warp):
-                alpha = row_alpha[warp * rows_per_warp + i]
-                for c in range(COLS_PER_LANE):
-                    acc[i, c] *= alpha
+            # 4. O = alpha O + P V, values staged V_TOKENS keys at a time (all 512 columns).
+            rescale_rows(acc, row_alpha, warp * rows_per_warp)
             for v0 in range(0, min(BLOCK_N, hi - start), V_TOKENS):
                 for e in range(tid, V_TOKENS * D_V, threads):
                     n = e // D_V
@@ -338,13 +314,7 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                         v0 + n, c,
                     )  # fmt: skip
                 cuda.syncthreads()
-                for n in range(V_TOKENS):
-                    for c in range(COLS_PER_LANE):
-                        v_reg[c] = v_s[n, lane + 32 * c]
-                    for i in range(rows_per_warp):
-                        prob = p_s[warp * rows_per_warp + i, v0 + n]
-                        for c in range(COLS_PER_LANE):
-                            acc[i, c] += prob * v_reg[c]
+                pv_step(acc, p_s, v_s, v_reg, warp * rows_per_warp, lane, v0, V_TOKENS)
                 cuda.syncthreads()
 
         cuda.syncthreads()  # row statistics are final (and initialised, for an empty piece)
@@ -467,7 +437,7 @@ def run_attention(
 
 def dense_decode(p: DenseDecodeProblem, plan: object = None) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = p.empty_outputs()
-    b, s_q, h_q, _ = p.q.shape
+    _, s_q, h_q, _ = p.q.shape
     h_kv = p.k_cache.shape[2]
     group = h_q // h_kv
     run_attention(
@@ -481,7 +451,7 @@ def dense_decode(p: DenseDecodeProblem, plan: object = None) -> tuple[torch.Tens
 
 def sparse_decode(p: SparseDecodeProblem, plan: object = None) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = p.empty_outputs()
-    b, s_q, h_q, _ = p.q.shape
+    _, s_q, h_q, _ = p.q.shape
     extra = None
     if p.extra_k_cache is not None:
         extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)
@@ -498,7 +468,7 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[torch.Tensor, torch.Tensor,
     """Each query token is a one-token "request" whose candidates are flat indices into ``kv``
     seen as a cache of one-token pages (so ``s_kv`` bounds the valid indices)."""
     out, max_logits, lse = p.empty_outputs()
-    s_q, h_q, _ = p.q.shape
+    h_q = p.q.shape[1]
     run_attention(
         q4=p.q.unsqueeze(1), out4=out.unsqueeze(1), lse3=lse.unsqueeze(1),
         max_logits3=max_logits.unsqueeze(1), cache=p.kv.unsqueeze(1), fmt=CacheFormat.BF16,

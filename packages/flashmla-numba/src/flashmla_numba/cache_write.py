@@ -19,9 +19,17 @@ from numba import cuda, int32
 from flashmla.formats import CacheFormat
 from flashmla.problems import CacheWriteProblem
 
-from .attention import MODEL1_NOPE, MODEL1_RECORD, MODEL1_ROPE_AT, MODEL1_TILE
-from .attention import V32_NOPE, V32_RECORD, V32_ROPE_AT, V32_TILE
-from .attention import cache_array
+from .attention import (
+    MODEL1_NOPE,
+    MODEL1_RECORD,
+    MODEL1_ROPE_AT,
+    MODEL1_TILE,
+    V32_NOPE,
+    V32_RECORD,
+    V32_ROPE_AT,
+    V32_TILE,
+    cache_array,
+)
 from .launch import array, kernel, on_device
 from .numerics import bf16_to_f32, e4m3_bits, fp8_scale_exponent, int_as_float
 
@@ -116,4 +124,3 @@ def cache_write(p: CacheWriteProblem) -> None:
             write_plain[n * h_kv, THREADS, stream](
                 array(cache), array(new_kv), array(slots), capacity, page
             )
-
