@@ -70,7 +70,7 @@ def test_launcher_smem_matches_kernels(dims):
         MHA_SMEM_DQ=tiles.dq_smem(*dims), MHA_SMEM_KV=tiles.kv_smem(*dims),
     )  # fmt: skip
     compile_nvrtc(checked, "sm_80")
-    wrong = Build.of("mha.cu", **dict(checked.defines), MHA_SMEM_FWD=1)
+    wrong = Build.of("mha.cu", **{**dict(checked.defines), "MHA_SMEM_FWD": 1})
     with pytest.raises(CompileError, match="shared-memory sizes"):
         compile_nvrtc(wrong, "sm_80")
 
