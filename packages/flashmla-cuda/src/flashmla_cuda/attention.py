@@ -8,9 +8,10 @@ work is uniform)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from flashmla.scheduler import Schedule, device_sm_count
 
 from . import splitkv
 from .compiler import Build
-from .launch import F32, I32, I64, PTR, kernel, max_smem, pack, ptr, struct_type
+from .launch import F32, I32, I64, PTR, Launch, kernel, max_smem, ptr, struct_type
 
 LOG2E = 1.4426950408889634
 D_V = 512
@@ -144,6 +145,8 @@ class Plan:
     schedule: Schedule
     o_acc: Tensor  # [b + parts, s_q, h_q, 512] fp32 partial outputs
     lse_acc: Tensor  # [b + parts, s_q, h_q] fp32 partial base-2 lse
+    # Launches by the layout of the other inputs (the layers of a step share them).
+    launches: dict[tuple, list[Launch]] = field(default_factory=dict, compare=False)
 
     @staticmethod
     def of(p: DenseDecodeProblem | SparseDecodeProblem, schedule: Schedule) -> Plan:
@@ -253,12 +256,16 @@ def _launch_attention(
     slot_strides: tuple[int, int], lengths: Tensor | None, list_len: int, extra: tuple | None,
     sink: Tensor | None, plan: Plan | None, num_requests: int, rows: int, axis1: int,
     group: int, sparse: bool, causal: bool, scale: float,
-) -> None:  # fmt: skip
+) -> tuple[list[Launch], bool]:  # fmt: skip
+    """Launch the attention kernel (and the combine, with a plan); returns the launches and
+    whether they may be relaunched with new pointers (not if an input had to be copied)."""
     _b, s_q, h_q, d_qk = q4.shape
     code = FMT_CODE[fmt]
     cfg = choose_config(rows, code, d_qk, max_smem(q4.device))
+    q_given, cache_given = q4, cache
     q4 = _aligned_queries(q4)
     cache_t, cs, copy8 = _cache_args(cache, fmt)
+    reusable = q4 is q_given and cache_t.data_ptr() == cache_given.data_ptr()
     values = {
         "q": ptr(q4), "out": ptr(out4), "lse": ptr(lse), "max_logits": ptr(max_logits),
         "o_acc": ptr(plan.o_acc) if plan else 0, "lse_acc": ptr(plan.lse_acc) if plan else 0,
@@ -295,14 +302,22 @@ def _launch_attention(
     build = build_for(cfg, code, d_qk, sparse, q4.dtype == torch.float16)
     parts = plan.schedule.metadata.shape[0] if plan else num_requests
     grid = (-(-rows // cfg.block_m), axis1, parts)
-    kernel(build, "mla_attention", q4.device)(
-        grid, cfg.warps * 32, pack(PARAMS, values), smem_bytes(cfg, code, d_qk)
-    )
+    k = kernel(build, "mla_attention", q4.device)
+    launches = [Launch.of(k, grid, cfg.warps * 32, PARAMS, values, smem_bytes(cfg, code, d_qk))]
+    launches[0].run()
     if plan is not None:
-        splitkv.combine(
-            o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits,
-            out=out4, lse=lse, lse_strides=lse_strides, sink=sink,
-        )  # fmt: skip
+        launches.append(
+            splitkv.combine(
+                o_acc=plan.o_acc,
+                lse_acc=plan.lse_acc,
+                num_splits=plan.schedule.num_splits,
+                out=out4,
+                lse=lse,
+                lse_strides=lse_strides,
+                sink=sink,
+            )
+        )
+    return launches, reusable and extra is None
 
 
 def _shift(page: int) -> int:
@@ -311,7 +326,29 @@ def _shift(page: int) -> int:
 
 
 def _on_device(device: torch.device):
+    """The tensors' device as the current one (kernels launch on the current device)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+def _layout(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+
+
+def _relaunch(plan: Plan, key: tuple, pointers: dict[str, int], launch) -> None:
+    """Relaunch the plan's launches for ``key`` (inputs of the same layout) with this call's
+    pointers, or launch anew and keep them. ``pointers`` holds the attention kernel's tensor
+    fields; the combine takes ``out`` / ``lse`` / ``sink`` from it."""
+    found = plan.launches.get(key)
+    if found is None:
+        launches, reusable = launch()
+        if reusable:
+            plan.launches[key] = launches
+        return
+    attention, combine = found
+    attention.run(pointers)
+    combine.run({"out": pointers["out"], "lse": pointers["lse"], "sink": pointers["sink"]})
 
 
 def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
@@ -319,14 +356,28 @@ def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tens
     with _on_device(p.q.device):
         plan = plan if plan is not None else plan_dense_decode(p)
         rows, axis1, group = _groups(p)
-        _launch_attention(
-            q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
-            max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
-            slots=p.block_table, slot_strides=(p.block_table.stride(0), 0),
-            lengths=p.cache_seqlens, list_len=p.block_table.shape[1], extra=None, sink=None,
-            plan=plan, num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group,
-            sparse=False, causal=p.causal, scale=p.softmax_scale,
+
+        def launch() -> tuple[list[Launch], bool]:
+            return _launch_attention(
+                q4=p.q, out4=out, lse=lse,
+                lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), max_logits=None,
+                cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
+                slots=p.block_table, slot_strides=(p.block_table.stride(0), 0),
+                lengths=p.cache_seqlens, list_len=p.block_table.shape[1], extra=None,
+                sink=None, plan=plan, num_requests=p.q.shape[0], rows=rows, axis1=axis1,
+                group=group, sparse=False, causal=p.causal, scale=p.softmax_scale,
+            )  # fmt: skip
+
+        key = (
+            "dense", _layout(p.q), _layout(p.k_cache), _layout(p.block_table),
+            _layout(p.cache_seqlens), p.softmax_scale, p.causal,
         )  # fmt: skip
+        pointers = {
+            "q": p.q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
+            "cache": p.k_cache.data_ptr(), "slots": p.block_table.data_ptr(),
+            "lengths": p.cache_seqlens.data_ptr(), "sink": 0,
+        }  # fmt: skip
+        _relaunch(plan, key, pointers, launch)
     return out, lse
 
 
@@ -338,14 +389,29 @@ def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Te
         extra = None
         if p.extra_k_cache is not None:
             extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)
-        _launch_attention(
-            q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
-            max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
-            slots=p.indices, slot_strides=(p.indices.stride(0), p.indices.stride(1)),
-            lengths=p.topk_length, list_len=p.indices.shape[2], extra=extra, sink=p.attn_sink,
-            plan=plan, num_requests=p.q.shape[0], rows=rows, axis1=axis1, group=group,
-            sparse=True, causal=False, scale=p.softmax_scale,
+
+        def launch() -> tuple[list[Launch], bool]:
+            return _launch_attention(
+                q4=p.q, out4=out, lse=lse,
+                lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), max_logits=None,
+                cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1], slots=p.indices,
+                slot_strides=(p.indices.stride(0), p.indices.stride(1)),
+                lengths=p.topk_length, list_len=p.indices.shape[2], extra=extra,
+                sink=p.attn_sink, plan=plan, num_requests=p.q.shape[0], rows=rows,
+                axis1=axis1, group=group, sparse=True, causal=False, scale=p.softmax_scale,
+            )  # fmt: skip
+
+        key = (
+            "sparse", _layout(p.q), _layout(p.k_cache), _layout(p.indices),
+            _layout(p.topk_length), _layout(p.attn_sink), p.softmax_scale,
         )  # fmt: skip
+        pointers = {
+            "q": p.q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
+            "cache": p.k_cache.data_ptr(), "slots": p.indices.data_ptr(),
+            "lengths": 0 if p.topk_length is None else p.topk_length.data_ptr(),
+            "sink": 0 if p.attn_sink is None else p.attn_sink.data_ptr(),
+        }  # fmt: skip
+        _relaunch(plan, key, pointers, launch)
     return out, lse
 
 
@@ -355,7 +421,7 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
     out, max_logits, lse = p.empty_outputs()
     s_q, h_q, _d = p.q.shape
     with _on_device(p.q.device):
-        _launch_attention(
+        _launch_attention(  # one-off launches: sparse prefill has no plan to keep them in
             q4=p.q.unsqueeze(1), out4=out.unsqueeze(1), lse=lse,
             lse_strides=(lse.stride(0), 0, lse.stride(1)), max_logits=max_logits,
             cache=p.kv.unsqueeze(1), fmt=CacheFormat.BF16, page=1, slots=p.indices,

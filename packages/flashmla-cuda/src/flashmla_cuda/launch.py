@@ -69,6 +69,34 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class Launch:
+    """One kernel launch with its parameter struct already packed. :meth:`run` relaunches it
+    with some pointer fields replaced: calls whose tensors only moved (the layers of a decoding
+    step) skip building the struct again."""
+
+    kernel: Kernel
+    grid: tuple[int, ...]
+    block: int
+    smem: int
+    params: bytearray
+    offsets: dict[str, int]  # byte offset of every field
+
+    @staticmethod
+    def of(kernel: Kernel, grid: tuple[int, ...], block: int, layout: StructType,
+           values: Mapping[str, object], smem: int = 0) -> Launch:  # fmt: skip
+        offsets = {name: layout.dtype.fields[name][1] for name in layout.names}
+        return Launch(kernel, grid, block, smem, bytearray(pack(layout, values).tobytes()), offsets)
+
+    def run(self, pointers: Mapping[str, int] | None = None) -> None:
+        for name, value in (pointers or {}).items():
+            _U64.pack_into(self.params, self.offsets[name], value)
+        self.kernel(self.grid, self.block, np.void(bytes(self.params)), self.smem)
+
+
 @dataclass
 class Kernel:
     """Function ``name`` of ``build``, loaded on device ``device``."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from flashmla.scheduler import OVERHEAD_BLOCKS, Schedule
 
 from .compiler import Build
-from .launch import I32, I64, PTR, kernel, pack, ptr, struct_type
+from .launch import I32, I64, PTR, Launch, kernel, pack, ptr, struct_type
 
 D_V = 512
 SCHED_THREADS = 256  # the kernel's default SCHED_THREADS
@@ -103,13 +103,15 @@ def combine(
     lse: Tensor,
     lse_strides: tuple[int, int, int],
     sink: Tensor | None,
-) -> None:
-    """Merge the pieces of every split request into ``out`` and the natural-log ``lse``.
+) -> Launch:
+    """Merge the pieces of every split request into ``out`` and the natural-log ``lse``; returns
+    the launch (relaunch it with new ``out`` / ``lse`` / ``sink`` pointers).
 
     ``o_acc [slots, s_q, h_q, 512]`` / ``lse_acc [slots, s_q, h_q]`` (fp32, contiguous, base-2
     lse) hold the pieces; request i owns slots ``num_splits[i] .. num_splits[i+1]-1``. Requests
     with one piece are left alone (the attention kernel wrote them). ``lse_strides`` are the
-    element strides of ``lse`` for (request, query token, head); ``sink`` is fp32 ``[h_q]``.
+    element strides of ``lse`` for (request, query token, head); ``sink`` is fp32 ``[h_q]``
+    (contiguous).
     """
     b = num_splits.shape[0] - 1
     _slots, s_q, h_q, d_v = o_acc.shape
@@ -119,8 +121,8 @@ def combine(
         raise ValueError("combine writes bf16/fp16 outputs with unit last stride")
     if num_splits.dtype != torch.int32 or lse.dtype != torch.float32:
         raise ValueError("combine needs int32 num_splits and an fp32 lse")
-    if sink is not None:
-        sink = sink.to(dtype=torch.float32).contiguous()
+    if sink is not None and (sink.dtype != torch.float32 or sink.stride(0) != 1):
+        raise ValueError("combine needs a contiguous fp32 sink")
     values = {
         "o_acc": ptr(o_acc),
         "lse_acc": ptr(lse_acc),
@@ -138,6 +140,7 @@ def combine(
         "h_q": h_q,
     }
     grid = (b * s_q, -(-h_q // COMBINE_WARPS))
-    with torch.cuda.device(out.device):
-        k = kernel(_build(out.dtype == torch.float16), "combine", out.device)
-        k(grid, COMBINE_WARPS * 32, pack(COMBINE_PARAMS, values))
+    k = kernel(_build(out.dtype == torch.float16), "combine", out.device)
+    launch = Launch.of(k, grid, COMBINE_WARPS * 32, COMBINE_PARAMS, values)
+    launch.run()
+    return launch
