@@ -55,13 +55,19 @@ from .numerics import (
     int_as_float,
     round_to_bf16,
 )
-from .tiles import MICRO, add_scores, pv_step, rescale_rows, scores_step, softmax_row
+from .tiles import (
+    MICRO,
+    add_scores,
+    pv_step,
+    rescale_rows,
+    scores_step,
+    softmax_row,
+    tiling,
+)
 
 BLOCK_N = 32  # keys per tile
-CHUNK_D = 64  # query/key dims staged in shared memory per step of S = Q K^T
 V_TOKENS = 8  # value rows staged per step of O += P V (all 512 columns at once)
 D_V = 512
-COLS_PER_LANE = D_V // 32  # output columns of one lane: lane, lane + 32, ...
 
 FMT_PLAIN, FMT_V32, FMT_MODEL1 = 0, 1, 2
 FMT_CODE = {
@@ -90,19 +96,15 @@ MIN_PIECE = 64 if SIM else 256
 def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
     """The kernel for one variant. Everything here is a compile-time constant of the kernel
     (numba freezes closure variables), so untaken format and mode branches compile away."""
-    threads = ATTENTION_THREADS
-    warps = threads // 32
-    rows_per_warp = block_m // warps  # O += P V: rows of one warp
-    tiles_n = BLOCK_N // MICRO
-    score_tiles = (block_m // MICRO) * tiles_n  # 4 x 4 blocks of S
-    dim_groups = threads // score_tiles  # threads sharing a block, each summing some dims
-    dims_per_group = CHUNK_D // dim_groups
-    assert rows_per_warp * warps == block_m and dim_groups * score_tiles == threads
-    assert dims_per_group * dim_groups == CHUNK_D and d_qk % CHUNK_D == 0
-    # shared-memory shapes (numba needs them as constants); +1 columns avoid bank conflicts
-    q_shape, k_shape, v_shape = (block_m, CHUNK_D + 1), (BLOCK_N, CHUNK_D + 1), (V_TOKENS, D_V)
-    p_shape, scale_shape = (block_m, BLOCK_N + 1), (BLOCK_N, MAX_SCALES)
-    acc_shape = (rows_per_warp, COLS_PER_LANE)
+    tl = tiling(ATTENTION_THREADS, block_m, BLOCK_N, d_qk, D_V, V_TOKENS)
+    threads, chunk_d, rows_per_warp, dims_per_group = (
+        tl.threads, tl.chunk_d, tl.rows_per_warp, tl.dims_per_group,
+    )  # fmt: skip
+    k_stride, tiles_n, dim_groups = tl.k_stride, tl.tiles_n, tl.dim_groups
+    # shared and local array shapes (numba needs them as constants)
+    q_shape, p_shape = (block_m, k_stride), (block_m, BLOCK_N + 1)
+    scale_shape, acc_shape = (BLOCK_N, MAX_SCALES), (rows_per_warp, tl.cols_per_lane)
+    stage_size, cols_per_lane = tl.stage_size, tl.cols_per_lane
     if fmt == FMT_V32:
         record, nope, scale_tile, rope_at = V32_RECORD, V32_NOPE, V32_TILE, V32_ROPE_AT
     else:
@@ -156,6 +158,18 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
             return group_id, r
         return r // group, group_id * group + r % group
 
+    @device_function
+    def store_half(dst, acc, i, lane):
+        """Row ``i`` of a lane's accumulator -> its columns of output row ``dst`` (16 bits)."""
+        for c in range(cols_per_lane):
+            dst[lane + 32 * c] = as_int16(f32_to_half(acc[i, c], is_fp16))
+
+    @device_function
+    def store_f32(dst, acc, i, lane):
+        """Row ``i`` of a lane's accumulator -> its columns of partial-output row ``dst``."""
+        for c in range(cols_per_lane):
+            dst[lane + 32 * c] = acc[i, c]
+
     @kernel(launch_bounds=threads)
     def mla_attention(
         q, out, lse, max_logits, o_part, lse_part,
@@ -181,9 +195,8 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
         s_q = q.shape[1]
         head = 0 if sparse else group_id  # KV head of plain caches
 
-        q_s = cuda.shared.array(q_shape, float32)  # a chunk of dims of the queries,
-        k_s = cuda.shared.array(k_shape, float32)  # the same dims of the tile's keys,
-        v_s = cuda.shared.array(v_shape, float32)  # a few rows of values (all 512 dims)
+        q_s = cuda.shared.array(q_shape, float32)  # a chunk of dims of the queries
+        kv_s = cuda.shared.array(stage_size, float32)  # the same dims of the keys, or values
         p_s = cuda.shared.array(p_shape, float32)  # scores, then probabilities
         key_page = cuda.shared.array(BLOCK_N, int32)  # where each key of the tile lives,
         key_row = cuda.shared.array(BLOCK_N, int32)  # page -1 for an invalid key
@@ -216,15 +229,15 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
             row_sum[r] = ZERO
         acc = cuda.local.array(acc_shape, float32)  # this lane's part of O
         for i in range(rows_per_warp):
-            for c in range(COLS_PER_LANE):
+            for c in range(cols_per_lane):
                 acc[i, c] = ZERO
         # S = Q K^T: this thread's 4 x 4 block of scores and its slice of each chunk's dims
         tile_n = tid % tiles_n
         tile_m = tid // tiles_n % (block_m // MICRO)
-        dim0 = tid // score_tiles * dims_per_group
+        dim0 = tid // (tiles_n * (block_m // MICRO)) * dims_per_group
         s_acc = cuda.local.array((MICRO, MICRO), float32)
         k_reg = cuda.local.array(MICRO, float32)
-        v_reg = cuda.local.array(COLS_PER_LANE, float32)
+        v_reg = cuda.local.array(cols_per_lane, float32)
 
         for start in range(lo, hi, BLOCK_N):
             # 1. Where each key of the tile lives (and its FP8 scales).
@@ -260,30 +273,30 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                         read_scales(cache2, page_id, row, page2, key_scale, n)
             cuda.syncthreads()
 
-            # 2. S = Q K^T over chunks of CHUNK_D dims staged in shared memory (queries are
-            # re-staged per tile: fp32 copies of all 576 dims would not fit next to the keys).
+            # 2. S = Q K^T over chunks of chunk_d dims staged in shared memory (queries are
+            # re-staged per tile: fp32 copies of all their dims would not fit beside the keys).
             for i in range(MICRO):
                 for j in range(MICRO):
                     s_acc[i, j] = ZERO
-            for d0 in range(0, d_qk, CHUNK_D):
-                for e in range(tid, block_m * CHUNK_D, threads):
-                    r = e // CHUNK_D
-                    d = e % CHUNK_D
+            for d0 in range(0, d_qk, chunk_d):
+                for e in range(tid, block_m * chunk_d, threads):
+                    r = e // chunk_d
+                    d = e % chunk_d
                     value = ZERO
                     if m0 + r < rows:
                         t, h = token_and_head(m0 + r, group_id, group)
                         value = half_to_f32(q[req, t, h, d0 + d], is_fp16)
                     q_s[r, d] = value
-                for e in range(tid, BLOCK_N * CHUNK_D, threads):
-                    n = e // CHUNK_D
-                    d = e % CHUNK_D
-                    k_s[n, d] = key_value(
+                for e in range(tid, BLOCK_N * chunk_d, threads):
+                    n = e // chunk_d
+                    d = e % chunk_d
+                    kv_s[n * k_stride + d] = key_value(
                         cache, cache2, e4m3, key_page, key_row, key_list, key_scale, head, n,
                         d0 + d,
                     )  # fmt: skip
                 cuda.syncthreads()
-                scores_step(q_s, k_s, s_acc, k_reg, tile_m * MICRO, tile_n * MICRO, dim0,
-                            dims_per_group)  # fmt: skip
+                scores_step(q_s, kv_s, k_stride, s_acc, k_reg, tile_m * MICRO, tile_n * MICRO,
+                            dim0, dims_per_group)  # fmt: skip
                 cuda.syncthreads()
             for g in range(dim_groups):  # the dim slices add up in p_s, one after another
                 if dim0 == g * dims_per_group:
@@ -309,42 +322,46 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                 for e in range(tid, V_TOKENS * D_V, threads):
                     n = e // D_V
                     c = e % D_V
-                    v_s[n, c] = key_value(
+                    kv_s[e] = key_value(
                         cache, cache2, e4m3, key_page, key_row, key_list, key_scale, head,
                         v0 + n, c,
                     )  # fmt: skip
                 cuda.syncthreads()
-                pv_step(acc, p_s, v_s, v_reg, warp * rows_per_warp, lane, v0, V_TOKENS)
+                pv_step(acc, p_s, kv_s, v_reg, warp * rows_per_warp, lane, v0, V_TOKENS)
                 cuda.syncthreads()
 
-        cuda.syncthreads()  # row statistics are final (and initialised, for an empty piece)
-
-        # 5. Epilogue: a whole request writes out = O / l and lse = m + log(l) (with the
-        # attention sink); a piece of a split request writes its partial result instead.
+        # 5. Epilogue. Row statistics first, one thread per row: lse = m + log(l) (+inf if the
+        # row saw no key) and the factor turning O into the output (1 / l, times the attention
+        # sink's share 1 / (1 + exp(sink - lse)); a piece of a split request leaves the sink
+        # to the combine and writes its partial lse instead).
+        cuda.syncthreads()  # (an empty piece ran no tile: the row statistics' init is visible)
+        for r in range(tid, block_m, threads):
+            if m0 + r < rows:
+                t, h = token_and_head(m0 + r, group_id, group)
+                total = row_sum[r]
+                empty = total == ZERO
+                row_lse = POS_INF if empty else row_max[r] + math.log(total)
+                factor = ZERO if empty else ONE / total
+                if n_chunks == 1:
+                    if has_sink and not empty:
+                        factor /= ONE + math.exp(sink[h] - row_lse)
+                    lse[req, t, h] = row_lse
+                    if write_max:
+                        max_logits[req, t, h] = row_max[r]
+                else:
+                    lse_part[req, chunk, t, h] = NEG_INF if empty else row_lse
+                row_alpha[r] = factor
+        cuda.syncthreads()
+        # Then the outputs: each lane its columns of its warp's rows.
+        rescale_rows(acc, row_alpha, warp * rows_per_warp)
         for i in range(rows_per_warp):
             r = warp * rows_per_warp + i
             if m0 + r < rows:
                 t, h = token_and_head(m0 + r, group_id, group)
-                total = row_sum[r]
-                empty = total == ZERO  # no visible key: out 0, lse +inf
-                row_lse = POS_INF if empty else row_max[r] + math.log(total)
                 if n_chunks == 1:
-                    factor = ZERO if empty else ONE / total
-                    if has_sink and not empty:
-                        factor /= ONE + math.exp(sink[h] - row_lse)
-                    for c in range(COLS_PER_LANE):
-                        bits = f32_to_half(acc[i, c] * factor, is_fp16)
-                        out[req, t, h, lane + 32 * c] = as_int16(bits)
-                    if lane == 0:
-                        lse[req, t, h] = row_lse
-                        if write_max:
-                            max_logits[req, t, h] = row_max[r]
-                else:
-                    if lane == 0:
-                        lse_part[req, chunk, t, h] = NEG_INF if empty else row_lse
-                    if not empty:  # empty pieces are skipped by the combine: write nothing
-                        for c in range(COLS_PER_LANE):
-                            o_part[req, chunk, t, h, lane + 32 * c] = acc[i, c] / total
+                    store_half(out[req, t, h], acc, i, lane)
+                elif row_sum[r] != ZERO:  # an empty piece writes no output (combine skips it)
+                    store_f32(o_part[req, chunk, t, h], acc, i, lane)
 
     return mla_attention
 

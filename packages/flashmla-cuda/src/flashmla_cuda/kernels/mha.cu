@@ -7,10 +7,13 @@
 // out = 0 and lse = +inf, and zero gradients.
 //
 // Kernels (one build per head dims and dtype; tiles are -D defines):
-// - mha_fwd: a CTA per (FWD_BM queries, q head, sequence), 16 queries per warp. Q fragments stay
-//   in registers; K/V tiles of FWD_BN keys stream through a two-stage cp.async ring in
-//   XOR-swizzled shared memory; S and the online softmax (base 2) stay in registers and P is
-//   repacked from the S accumulators into A fragments (no shared-memory round trip).
+// - mha_fwd: a CTA per (FWD_BM queries, q head, sequence), 16 * FWD_MW queries per warp (with
+//   FWD_MW = 2 every K/V fragment read from shared memory, the bound of mma.sync attention, feeds
+//   two m16 tiles; Q's fragments are then re-read per tile, with FWD_MW = 1 they stay in
+//   registers). K/V tiles of FWD_BN keys stream through a two-stage cp.async ring in XOR-swizzled
+//   shared memory; S and the online softmax (base 2, O rescaled only when a row maximum grows by
+//   more than 2^8) stay in registers and P is repacked from the S accumulators into A fragments
+//   (no shared-memory round trip).
 // - mha_bwd_prep: delta = rowsum(dO * O) - dlse and lse * log2(e), both [h_q, total_q].
 // - mha_bwd_dq: a CTA per (DQ_BM queries, q head, sequence) looping over key tiles.
 // - mha_bwd_dkdv: a CTA per (KV_BN keys, kv head, sequence), 16 keys per warp, looping over the
@@ -31,7 +34,7 @@
 #ifndef D_V
 #define D_V 128
 #endif
-#ifndef FWD_BM  // queries per forward CTA (16 per warp)
+#ifndef FWD_BM  // queries per forward CTA (16 * FWD_MW per warp)
 #define FWD_BM 128
 #endif
 #ifndef FWD_BN  // keys per forward tile
@@ -191,7 +194,8 @@ DEV void store_rows(const float (&acc)[NTILE][4], float scale0, float scale1, u1
 #pragma unroll
   for (int it = 0; it < 16 * CH / 32; ++it) {
     const int i = it * 32 + lane, row = i / CH, ch = i % CH;
-    if (row < valid) *(U4*)(dst + (i64)row * stride + ch * 8) = *(const U4*)(tile + swz<CH>(r0 + row, ch));
+    if (row < valid)
+      *(U4*)(dst + (i64)row * stride + ch * 8) = *(const U4*)(tile + swz<CH>(r0 + row, ch));
   }
 }
 
@@ -249,7 +253,7 @@ DEV void softmax_tile(float (&s)[FWD_BN / 8][4], float (&acc)[D_V / 8][4], float
         sum += pv;
       }
     }
-    lrow[r] = lrow[r] * alpha[r] + sum;  // this thread's part of the row sum (quad-reduced at the end)
+    lrow[r] = lrow[r] * alpha[r] + sum;  // this thread's part of the row sum (quad-reduced later)
   }
   if (__any_sync(0xffffffffu, grow_any)) {  // warp-uniform: most tiles skip it
 #pragma unroll
@@ -352,7 +356,8 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
 #pragma unroll
     for (int mw = 0; mw < FWD_MW; ++mw)
 #pragma unroll
-      for (int nt = 0; nt < FWD_BN / 8; ++nt) s[mw][nt][0] = s[mw][nt][1] = s[mw][nt][2] = s[mw][nt][3] = 0.f;
+      for (int nt = 0; nt < FWD_BN / 8; ++nt)
+        s[mw][nt][0] = s[mw][nt][1] = s[mw][nt][2] = s[mw][nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D_QK / 16; ++kk) {
       u32 a[FWD_MW][4];
@@ -393,7 +398,8 @@ extern "C" __global__ void __launch_bounds__(F_NT) mha_fwd(const MhaFwdParams p)
       }
     } else {
 #pragma unroll
-      for (int mw = 0; mw < FWD_MW; ++mw) softmax_tile<false>(s[mw], acc[mw], mrow[mw], lrow[mw], c);
+      for (int mw = 0; mw < FWD_MW; ++mw)
+        softmax_tile<false>(s[mw], acc[mw], mrow[mw], lrow[mw], c);
     }
 
     // O += P V; each V fragment serves the warp's FWD_MW m-tiles
