@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flashmla-out}
 mkdir -p "$OUT"
 eval "$(python3 benchmarks/intree_env.py)"
+# numba 0.68 fails on numpy >= 2.5 (the image's): a numpy 2.4 wheel carried along in
+# benchmarks/wheels (run's carry; git-ignored) is unpacked and put first on the path.
+if python3 -c "import numpy, sys; sys.exit(tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 5))"; then
+    wheel=$(ls benchmarks/wheels/numpy-2.4*-cp3*.whl 2>/dev/null | head -n 1)
+    if [ -n "$wheel" ]; then
+        python3 -m zipfile -e "$wheel" /tmp/numpy24 && export PYTHONPATH=/tmp/numpy24:$PYTHONPATH
+    fi
+fi
+python3 -c "import numpy; print('numpy', numpy.__version__)"
 export PYTHONUNBUFFERED=1
 KEXPR=${1:-}
 shift || true
