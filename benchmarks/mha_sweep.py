@@ -1,5 +1,5 @@
 """Time the CUDA MHA kernels' tile choices on M1/M2's shape (GPU):
-    python benchmarks/mha_sweep.py"""
+python benchmarks/mha_sweep.py"""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def main() -> None:
             out, lse = mha.mha_forward(p)
             dout = torch.randn_like(out)
             fwd = do_bench(lambda: mha.mha_forward(p), return_mode="median") * 1e3
-            bwd = do_bench(lambda: mha.mha_backward(pb, out, lse, dout, None), return_mode="median")
+            bwd = do_bench(
+                lambda o=out, s=lse, g=dout: mha.mha_backward(pb, o, s, g, None),
+                return_mode="median",
+            )
         except Exception as exc:  # a tile choice that does not compile or fit
             print(f"{tiles}: {type(exc).__name__}: {exc}"[:200])
             continue
