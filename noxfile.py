@@ -94,3 +94,21 @@ def test_cuda(session: nox.Session) -> None:
     _install(session, *CUDA, "-e", "packages/flashmla-cuda")
     session.run("pytest", "packages/flashmla-cuda/tests")
     session.run("pytest", "tests", "-k", "cuda", "-q")  # skipped without a GPU, with reasons
+
+
+NUMBA = ("numba-cuda>=0.30", "numba>=0.61", "numpy<2.4")
+
+
+@nox.session(name="test-numba", python=PYTHON)
+def test_numba(session: nox.Session) -> None:
+    """The Numba backend on CPU: the parity suite and the backend's tests in Numba's CUDA
+    simulator, then compilation of every kernel variant for sm_90 (no GPU; needs the CUDA
+    toolkit's NVVM, skips without it)."""
+    _install(session, *NUMBA, "-e", "packages/flashmla-numba")
+    sim = {"NUMBA_ENABLE_CUDASIM": "1", "OPENBLAS_NUM_THREADS": "1"}
+    session.run(
+        "pytest", "tests", "packages/flashmla-numba/tests", "-k", "numba or not parity", env=sim
+    )
+    session.run(
+        "pytest", "packages/flashmla-numba/tests/test_compile.py", env={"NUMBA_ENABLE_CUDASIM": "0"}
+    )

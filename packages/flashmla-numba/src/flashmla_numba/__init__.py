@@ -16,7 +16,9 @@ backend (``ref`` or ``triton``), and forcing this one for a backward pass raises
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` (Numba's CUDA simulator, which runs kernels thread by thread
 on the CPU) the backend declares CPU tensors instead of CUDA ones, so the shared parity suite
-runs it on a machine without a GPU, exactly like the Triton backend under ``TRITON_INTERPRET``.
+runs it on a machine without a GPU, like the Triton backend under ``TRITON_INTERPRET``. There
+it only runs when forced (its ops rank below the reference), and cases with more than
+``SIM_MAX_ROWS`` query rows per key tile are declared unsupported (minutes each).
 """
 
 from __future__ import annotations
@@ -50,19 +52,23 @@ def spec():
 
     devices = frozenset({"cpu"} if SIM else {"cuda"})
     cc = (8, 0)
+    # In the simulator the backend is a test vehicle: it runs when forced (as the parity suites
+    # do) but never wins automatic dispatch, which would route every CPU call (test inputs'
+    # cache fills included) through the slow simulator instead of the reference.
+    sim_priority = {"priority": -1} if SIM else {}
     halves = frozenset({torch.bfloat16, torch.float16})
     decode = OpSupport(
         devices=devices, min_cc=cc, dtypes=halves, cache_formats=frozenset(CacheFormat),
-        features=frozenset({"causal", "mtp"}), check=_simulator_budget,
+        features=frozenset({"causal", "mtp"}), check=_simulator_budget, **sim_priority,
     )  # fmt: skip
     sparse = OpSupport(
         devices=devices, min_cc=cc, cache_formats=frozenset(CacheFormat),
         features=frozenset({"mtp", "attn_sink", "topk_length", "extra_cache", "extra_topk_length"}),
-        check=_simulator_budget,
+        check=_simulator_budget, **sim_priority,
     )  # fmt: skip
     prefill = OpSupport(
         devices=devices, min_cc=cc, features=frozenset({"attn_sink", "topk_length"}),
-        check=_simulator_budget,
+        check=_simulator_budget, **sim_priority,
     )  # fmt: skip
     mha = OpSupport(
         devices=devices,
@@ -70,10 +76,12 @@ def spec():
         dtypes=halves,
         head_dims=frozenset({(128, 128), (192, 128), (64, 64), (128, 64)}),
         features=frozenset({"causal", "gqa"}),
+        **sim_priority,
     )
     write = OpSupport(
-        devices=devices, min_cc=cc, dtypes=halves, cache_formats=frozenset(CacheFormat)
-    )
+        devices=devices, min_cc=cc, dtypes=halves, cache_formats=frozenset(CacheFormat),
+        **sim_priority,
+    )  # fmt: skip
     return BackendSpec(
         name="numba",
         version=__version__,

@@ -18,8 +18,12 @@ The algorithm, for one CTA:
 Math is fp32 on CUDA cores. Both products are register-tiled from shared memory: for
 ``S = Q K^T`` each thread owns a 4 x 4 block of scores over a slice of the dims (the slices'
 partial sums are added in shared memory), for ``O += P V`` each warp owns a few rows and each
-lane 16 of their 512 output columns. Shared memory holds fp32 copies of a chunk of 64 query and
-key dims at a time, then of 8 value rows at a time: FP8 keys are dequantized while being copied.
+lane 16 of their 512 output columns. Shared memory holds fp32 copies of a chunk of the query and
+key dims at a time (144 or 192 of the 576; 48 KiB of static shared memory decides), then of 8
+value rows at a time in the same buffer: FP8 keys are dequantized while being copied.
+
+Everything is in fp32 once staged; the differences to FlashMLA's own kernels are that P is not
+rounded to bf16 before ``P V`` and exponentials are natural (both only change rounding).
 """
 
 from __future__ import annotations
@@ -35,21 +39,23 @@ from flashmla.formats import CacheFormat
 from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, SparsePrefillProblem
 
 from . import SIM
-from .combine import MAX_CHUNKS, combine
+from .combine import MAX_CHUNKS, combine_launch
 from .launch import (
     ATTENTION_THREADS,
+    MIN_CTAS_PER_SM,
+    Launch,
     array,
     device_function,
-    e4m3_table,
     kernel,
-    on_device,
     placeholder,
+    run,
     scalar,
     sm_count,
 )
 from .numerics import (
     as_int16,
     bf16_to_f32,
+    e4m3_to_f32,
     f32_to_half,
     half_to_f32,
     int_as_float,
@@ -130,26 +136,26 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                 key_scale[n, k] = int_as_float(int(src[page_id, at + k]) << 23)
 
     @device_function
-    def stored_value(src, e4m3, page_id, row, head, key_scale, n, d):
+    def stored_value(src, page_id, row, head, key_scale, n, d):
         """Dim ``d`` of the key stored at (``page_id``, ``row``) of cache ``src``, as fp32."""
         if fmt == FMT_PLAIN:
             return half_to_f32(src[page_id, row, head, d], is_fp16)
         at = row * record
         if d < nope:  # bf16(e4m3) * bf16(scale), rounded to bf16 as FlashMLA computes it
-            return round_to_bf16(e4m3[src[page_id, at + d]] * key_scale[n, d // scale_tile])
+            return round_to_bf16(e4m3_to_f32(src[page_id, at + d]) * key_scale[n, d // scale_tile])
         at += rope_at + 2 * (d - nope)  # RoPE dims: raw bf16, little-endian
         return bf16_to_f32(int(src[page_id, at]) | (int(src[page_id, at + 1]) << 8))
 
     @device_function
-    def key_value(cache, cache2, e4m3, key_page, key_row, key_list, key_scale, head, n, d):
+    def key_value(cache, cache2, key_page, key_row, key_list, key_scale, head, n, d):
         """Dim ``d`` of key ``n`` of the current tile (0 for an invalid key, so that NaN
         padding in the cache can never reach the products)."""
         page_id = key_page[n]
         if page_id < 0:
             return ZERO
         if key_list[n] == 0:
-            return stored_value(cache, e4m3, page_id, key_row[n], head, key_scale, n, d)
-        return stored_value(cache2, e4m3, page_id, key_row[n], head, key_scale, n, d)
+            return stored_value(cache, page_id, key_row[n], head, key_scale, n, d)
+        return stored_value(cache2, page_id, key_row[n], head, key_scale, n, d)
 
     @device_function
     def token_and_head(r, group_id, group):
@@ -170,10 +176,10 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
         for c in range(cols_per_lane):
             dst[lane + 32 * c] = acc[i, c]
 
-    @kernel(launch_bounds=threads)
+    @kernel(launch_bounds=(threads, MIN_CTAS_PER_SM))
     def mla_attention(
         q, out, lse, max_logits, o_part, lse_part,
-        cache, slots, lengths, cache2, slots2, lengths2, sink, e4m3,
+        cache, slots, lengths, cache2, slots2, lengths2, sink,
         page, num_pages, page2, num_pages2, group, rows, scale,
         causal, has_lengths, has_extra, has_lengths2, has_sink, write_max, m_tiles, chunk_len,
     ):  # fmt: skip
@@ -291,7 +297,7 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                     n = e // chunk_d
                     d = e % chunk_d
                     kv_s[n * k_stride + d] = key_value(
-                        cache, cache2, e4m3, key_page, key_row, key_list, key_scale, head, n,
+                        cache, cache2, key_page, key_row, key_list, key_scale, head, n,
                         d0 + d,
                     )  # fmt: skip
                 cuda.syncthreads()
@@ -323,7 +329,7 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
                     n = e // D_V
                     c = e % D_V
                     kv_s[e] = key_value(
-                        cache, cache2, e4m3, key_page, key_row, key_list, key_scale, head,
+                        cache, cache2, key_page, key_row, key_list, key_scale, head,
                         v0 + n, c,
                     )  # fmt: skip
                 cuda.syncthreads()
@@ -397,14 +403,14 @@ def cache_array(cache: torch.Tensor, fmt: CacheFormat):
     return array(raw.as_strided((raw.shape[0], page_bytes), (raw.stride(0), 1)))
 
 
-def run_attention(
+def attention_launches(
     *, q4: torch.Tensor, out4: torch.Tensor, lse3: torch.Tensor,
     max_logits3: torch.Tensor | None, cache: torch.Tensor, fmt: CacheFormat,
     slots: torch.Tensor, lengths: torch.Tensor | None, extra: tuple | None,
     sink: torch.Tensor | None, sparse: bool, causal: bool, scale: float, group: int,
     rows: int, groups: int, split: bool,
-) -> None:  # fmt: skip
-    """Launch the attention kernel (and the combine when requests are split). ``q4`` is
+) -> list[Launch]:  # fmt: skip
+    """The attention kernel's launch (and the combine's when requests are split). ``q4`` is
     ``[b, s_q, h_q, d]``, ``out4`` ``[b, s_q, h_q, 512]``, ``lse3`` / ``max_logits3``
     ``[b, s_q, h_q]`` views; ``rows`` query rows per group, ``groups`` groups per request."""
     b, s_q, h_q, d = q4.shape
@@ -440,16 +446,15 @@ def run_attention(
         array(lse_part) if lse_part is not None else placeholder(dev, torch.float32, 4),
         cache_array(cache, fmt), array(slots), maybe(lengths, torch.int32, 1),
         cache2, maybe(slots2, torch.int32, 3), maybe(lengths2, torch.int32, 1),
-        maybe(sink, torch.float32, 1), e4m3_table(dev),
+        maybe(sink, torch.float32, 1),
         page, cache.shape[0], page2, pages2, group, rows, scalar(scale),
         causal, lengths is not None, extra is not None, lengths2 is not None, sink is not None,
         max_logits3 is not None, m_tiles, chunk_len,
     )  # fmt: skip
-    grid = (m_tiles * b * n_chunks, groups)
-    with on_device(dev) as stream:
-        kern[grid, ATTENTION_THREADS, stream](*args)
-        if n_chunks > 1:
-            combine(o_part, lse_part, out4, lse3, sink, stream)
+    launches = [Launch(kern, (m_tiles * b * n_chunks, groups), ATTENTION_THREADS, args)]
+    if n_chunks > 1:
+        launches.append(combine_launch(o_part, lse_part, out4, lse3, sink))
+    return launches
 
 
 def dense_decode(p: DenseDecodeProblem, plan: object = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,12 +462,13 @@ def dense_decode(p: DenseDecodeProblem, plan: object = None) -> tuple[torch.Tens
     _, s_q, h_q, _ = p.q.shape
     h_kv = p.k_cache.shape[2]
     group = h_q // h_kv
-    run_attention(
+    launches = attention_launches(
         q4=p.q, out4=out, lse3=lse.transpose(1, 2), max_logits3=None, cache=p.k_cache,
         fmt=p.cache_format, slots=p.block_table, lengths=p.cache_seqlens, extra=None, sink=None,
         sparse=False, causal=p.causal, scale=p.softmax_scale, group=group, rows=s_q * group,
         groups=h_kv, split=True,
     )  # fmt: skip
+    run(launches, p.q.device)
     return out, lse
 
 
@@ -472,12 +478,13 @@ def sparse_decode(p: SparseDecodeProblem, plan: object = None) -> tuple[torch.Te
     extra = None
     if p.extra_k_cache is not None:
         extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)
-    run_attention(
+    launches = attention_launches(
         q4=p.q, out4=out, lse3=lse.transpose(1, 2), max_logits3=None, cache=p.k_cache,
         fmt=p.cache_format, slots=p.indices, lengths=p.topk_length, extra=extra,
         sink=p.attn_sink, sparse=True, causal=False, scale=p.softmax_scale, group=h_q, rows=h_q,
         groups=s_q, split=True,
     )  # fmt: skip
+    run(launches, p.q.device)
     return out, lse
 
 
@@ -486,10 +493,11 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[torch.Tensor, torch.Tensor,
     seen as a cache of one-token pages (so ``s_kv`` bounds the valid indices)."""
     out, max_logits, lse = p.empty_outputs()
     h_q = p.q.shape[1]
-    run_attention(
+    launches = attention_launches(
         q4=p.q.unsqueeze(1), out4=out.unsqueeze(1), lse3=lse.unsqueeze(1),
         max_logits3=max_logits.unsqueeze(1), cache=p.kv.unsqueeze(1), fmt=CacheFormat.BF16,
         slots=p.indices, lengths=p.topk_length, extra=None, sink=p.attn_sink, sparse=True,
         causal=False, scale=p.sm_scale, group=h_q, rows=h_q, groups=1, split=False,
     )  # fmt: skip
+    run(launches, p.q.device)
     return out, max_logits, lse

@@ -23,7 +23,7 @@ import torch
 from numba import cuda, float32
 
 from . import SIM
-from .launch import array, kernel, placeholder
+from .launch import Launch, array, kernel, placeholder
 from .numerics import as_int16, f32_to_half
 
 MAX_CHUNKS = 64  # pieces per request (the weights live in shared memory)
@@ -92,25 +92,19 @@ def combine_kernel(o_part, lse_part, out, lse, sink, has_sink, is_fp16):
             out[req, t, h, col] = as_int16(f32_to_half(value, is_fp16))
 
 
-def combine(
+def combine_launch(
     o_part: torch.Tensor,
     lse_part: torch.Tensor,
     out4: torch.Tensor,
     lse3: torch.Tensor,
     sink: torch.Tensor | None,
-    stream: object,
-) -> None:
-    """Launch the combine on ``stream`` (inside the caller's device context)."""
+) -> Launch:
+    """The combine of pieces ``o_part`` / ``lse_part`` into ``out4`` / ``lse3``."""
     b, n_chunks, s_q, h_q = lse_part.shape
     assert n_chunks <= MAX_CHUNKS
     sink_arg = placeholder(out4.device, torch.float32, 1) if sink is None else array(sink)
-    grid = (b * s_q, -(-h_q // HEADS))
-    combine_kernel[grid, THREADS, stream](
-        array(o_part),
-        array(lse_part),
-        array(out4),
-        array(lse3),
-        sink_arg,
-        sink is not None,
+    args = (
+        array(o_part), array(lse_part), array(out4), array(lse3), sink_arg, sink is not None,
         out4.dtype == torch.float16,
-    )
+    )  # fmt: skip
+    return Launch(combine_kernel, (b * s_q, -(-h_q // HEADS)), THREADS, args)

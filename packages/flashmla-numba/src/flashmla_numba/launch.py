@@ -13,7 +13,8 @@ the CUDA array interface and numpy has no bf16 at all, so the kernels convert bi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ if SIM:
 # and for every barrier (proportional to the thread count), so it runs the same tiling with
 # fewer, busier threads; the kernels derive their thread-to-work mapping from this number.
 ATTENTION_THREADS = 64 if SIM else 256
+# CTAs of the attention kernels that must fit on one SM at once (launch bounds): 1 lets ptxas
+# use all the registers it wants (~170-210, no spills); 2 caps them at 128 (a few hundred bytes
+# of spills) but lets two CTAs hide each other's barrier stalls. A tuning knob for the GPU.
+MIN_CTAS_PER_SM = 1
+
+if not SIM:
+    from numba.cuda.core import config as _numba_config
+
+    # Small decode grids are normal here; numba would warn about each one.
+    _numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 
 def kernel(**gpu_options: Any) -> Callable:
@@ -82,22 +93,8 @@ def placeholder(device: torch.device, dtype: torch.dtype, ndim: int) -> Any:
     key = (str(device), dtype, ndim)
     found = _PLACEHOLDERS.get(key)
     if found is None:
-        t = torch.zeros((1,) * ndim, dtype=dtype, device=device)
+        t = torch.empty((1,) * ndim, dtype=dtype, device=device)  # no kernel: capturable
         found = _PLACEHOLDERS[key] = (t, array(t))  # keep the tensor alive with its view
-    return found[1]
-
-
-_LUTS: dict[str, tuple[torch.Tensor, Any]] = {}
-
-
-def e4m3_table(device: torch.device) -> Any:
-    """The 256 values of float8_e4m3fn as float32, indexed by byte (dequantization table)."""
-    key = str(device)
-    found = _LUTS.get(key)
-    if found is None:
-        values = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-        t = values.view(torch.float8_e4m3fn).float().to(device)
-        found = _LUTS[key] = (t, array(t))
     return found[1]
 
 
@@ -118,3 +115,22 @@ def sm_count(device: torch.device) -> int:
     if SIM:
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as data: the launchers build these, :func:`run` launches them, and
+    the compile test hands the same arguments to numba's ahead-of-time compiler."""
+
+    kernel: Any  # a numba kernel (the simulator's stand-in under NUMBA_ENABLE_CUDASIM)
+    grid: tuple[int, ...]
+    threads: int
+    args: tuple
+
+
+def run(launches: Sequence[Launch], device: torch.device) -> None:
+    """Launch in order on torch's current stream of ``device`` (empty grids are skipped)."""
+    with on_device(device) as stream:
+        for launch in launches:
+            if all(g > 0 for g in launch.grid):
+                launch.kernel[launch.grid, launch.threads, stream](*launch.args)

@@ -50,8 +50,9 @@ def fp16_to_f32(bits):
     if exponent == 0:  # zero or subnormal: mantissa * 2^-24, exact in float32
         value = float32(mantissa) * float32(5.9604644775390625e-08)
         return -value if sign else value
-    if exponent == 31:  # infinity or NaN
-        return int_as_float(sign | 0x7F800000 | (mantissa << 13))
+    if exponent == 31:  # infinity, or NaN (made quiet, as torch's widening does)
+        quiet = 0x400000 if mantissa != 0 else 0
+        return int_as_float(sign | 0x7F800000 | quiet | (mantissa << 13))
     return int_as_float(sign | ((exponent + 112) << 23) | (mantissa << 13))
 
 
@@ -117,6 +118,22 @@ def as_int16(bits):
 def round_to_bf16(x):
     """float32 rounded to the nearest bf16 value, kept as float32."""
     return bf16_to_f32(f32_to_bf16(x))
+
+
+@device_function
+def e4m3_to_f32(byte):
+    """float8_e4m3fn byte -> float32 (exact): sign, 4-bit exponent (bias 7), 3-bit mantissa;
+    exponent 0 is subnormal (mantissa * 2^-9), 0x7F / 0xFF are NaN (no infinities)."""
+    b = int(byte)
+    exponent = (b >> 3) & 0xF
+    mantissa = b & 7
+    if (b & 0x7F) == 0x7F:
+        value = int_as_float(0x7FF00000)  # NaN, with the payload torch's widening gives it
+    elif exponent == 0:
+        value = float32(mantissa) * float32(0.001953125)
+    else:  # rebias 7 -> 127, mantissa to the top of float32's 23 bits
+        value = int_as_float(((exponent + 120) << 23) | (mantissa << 20))
+    return -value if b & 0x80 else value
 
 
 @device_function
