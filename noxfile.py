@@ -96,7 +96,12 @@ def test_cuda(session: nox.Session) -> None:
     session.run("pytest", "tests", "-k", "cuda", "-q")  # skipped without a GPU, with reasons
 
 
-NUMBA = ("numba-cuda>=0.30", "numba>=0.61", "numpy<2.4")
+NUMBA = (
+    "numba-cuda>=0.30",
+    "numba>=0.61",
+    "numpy<2.4",
+    "nvidia-cuda-nvrtc-cu12",  # numba-cuda links through NVRTC; CI machines have no libnvrtc
+)
 
 
 @nox.session(name="test-numba", python=PYTHON)
