@@ -409,6 +409,17 @@ def decode_config(p: DenseDecodeProblem | SparseDecodeProblem, causal: bool, is_
 # Sparse prefill
 
 
+def row_groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]:
+    """How a decode's query rows group around shared keys: (rows per group, groups per request,
+    heads per KV head). Dense: the ``s_q * h_q / h_kv`` rows of one KV head form a group (one per
+    KV head); sparse: the ``h_q`` heads of one query token (one group per token)."""
+    _b, s_q, h_q, _ = p.q.shape
+    if isinstance(p, SparseDecodeProblem):
+        return h_q, s_q, h_q
+    h_kv = p.k_cache.shape[2]
+    return s_q * (h_q // h_kv), h_kv, h_q // h_kv
+
+
 @dataclass(eq=False, slots=True)
 class SparsePrefillProblem:
     facts: Facts

@@ -17,7 +17,12 @@ import torch
 from torch import Tensor
 
 from flashmla.formats import CacheFormat
-from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, SparsePrefillProblem
+from flashmla.problems import (
+    DenseDecodeProblem,
+    SparseDecodeProblem,
+    SparsePrefillProblem,
+    row_groups,
+)
 from flashmla.scheduler import Schedule, device_sm_count
 
 from . import splitkv
@@ -160,23 +165,14 @@ class Plan:
         )
 
 
-def _groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]:
-    """(rows per group, groups along grid axis 1, heads per KV head)."""
-    _b, s_q, h_q, _ = p.q.shape
-    if isinstance(p, SparseDecodeProblem):
-        return h_q, s_q, h_q
-    h_kv = p.k_cache.shape[2]
-    return s_q * (h_q // h_kv), h_kv, h_q // h_kv
-
-
 def _config_of(p: DenseDecodeProblem | SparseDecodeProblem) -> Config:
-    rows, _, _ = _groups(p)
+    rows, _, _ = row_groups(p)
     fmt = FMT_CODE[p.cache_format]
     return choose_config(rows, fmt, p.q.shape[3], max_smem(p.q.device))
 
 
 def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
-    rows, axis1, _ = _groups(p)
+    rows, axis1, _ = row_groups(p)
     cfg = _config_of(p)
     m_tiles = -(-rows // cfg.block_m)
     parts = max(device_sm_count(p.q.device) * cfg.ctas_per_sm // (m_tiles * axis1), 1)
@@ -355,7 +351,7 @@ def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tens
     out, lse = p.empty_outputs()
     with _on_device(p.q.device):
         plan = plan if plan is not None else plan_dense_decode(p)
-        rows, axis1, group = _groups(p)
+        rows, axis1, group = row_groups(p)
 
         def launch() -> tuple[list[Launch], bool]:
             return _launch_attention(
@@ -385,7 +381,7 @@ def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Te
     out, lse = p.empty_outputs()
     with _on_device(p.q.device):
         plan = plan if plan is not None else plan_sparse_decode(p)
-        rows, axis1, group = _groups(p)
+        rows, axis1, group = row_groups(p)
         extra = None
         if p.extra_k_cache is not None:
             extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)

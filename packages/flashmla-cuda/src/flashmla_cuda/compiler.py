@@ -212,19 +212,23 @@ def cuobjdump() -> str | None:
     return str(path) if path.exists() else None
 
 
-def resource_usage(data: bytes) -> dict[str, dict[str, int]]:
-    """Per kernel: ``{"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}``."""
+def _cuobjdump(data: bytes, *args: str) -> str:
+    """``cuobjdump args`` run on a cubin given as bytes; its standard output."""
     tool = cuobjdump()
     if tool is None:
         raise CompileError("no cuobjdump found (install the CUDA toolkit or triton)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(data)
         f.flush()
-        text = subprocess.run(
-            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        return subprocess.run(
+            [tool, *args, f.name], capture_output=True, text=True, check=True
         ).stdout
+
+
+def resource_usage(data: bytes) -> dict[str, dict[str, int]]:
+    """Per kernel: ``{"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}``."""
+    lines = _cuobjdump(data, "--dump-resource-usage").splitlines()
     usage = {}
-    lines = text.splitlines()
     for i, line in enumerate(lines):
         m = _RESOURCE.search(line)
         if m:
@@ -234,12 +238,4 @@ def resource_usage(data: bytes) -> dict[str, dict[str, int]]:
 
 
 def sass(data: bytes) -> str:
-    tool = cuobjdump()
-    if tool is None:
-        raise CompileError("no cuobjdump found (install the CUDA toolkit or triton)")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(data)
-        f.flush()
-        return subprocess.run(
-            [tool, "-sass", f.name], capture_output=True, text=True, check=True
-        ).stdout
+    return _cuobjdump(data, "-sass")

@@ -15,7 +15,12 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashmla.formats import CacheFormat
-from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, SparsePrefillProblem
+from flashmla.problems import (
+    DenseDecodeProblem,
+    SparseDecodeProblem,
+    SparsePrefillProblem,
+    row_groups,
+)
 from flashmla.scheduler import OVERHEAD_BLOCKS, Schedule, device_sm_count
 
 from . import INTERPRET
@@ -74,17 +79,8 @@ def choose_config(
     return Config(64, 64, 8, stages)
 
 
-def _groups(p: DenseDecodeProblem | SparseDecodeProblem) -> tuple[int, int, int]:
-    """(rows per group, groups per request along grid axis 1, heads per KV head)."""
-    _b, s_q, h_q, _ = p.q.shape
-    if isinstance(p, SparseDecodeProblem):
-        return h_q, s_q, h_q
-    h_kv = p.k_cache.shape[2]
-    return s_q * (h_q // h_kv), h_kv, h_q // h_kv
-
-
 def _num_parts(p: DenseDecodeProblem | SparseDecodeProblem) -> int:
-    rows, axis1, _ = _groups(p)
+    rows, axis1, _ = row_groups(p)
     cfg = choose_config(rows, p.cache_format, target_cc(p.q.device))
     m_tiles = triton.cdiv(rows, cfg.block_m)
     return max(device_sm_count(p.q.device) * cfg.ctas_per_sm // (m_tiles * axis1), 1)
@@ -287,7 +283,7 @@ def _run(launches: list[Launch], tensors: dict[str, Tensor | None] | None = None
 def dense_decode_launches(
     p: DenseDecodeProblem, plan: Plan, out: Tensor, lse: Tensor
 ) -> list[Launch]:
-    rows, axis1, group = _groups(p)
+    rows, axis1, group = row_groups(p)
     return attention_launches(
         q4=p.q, out4=out, lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)),
         max_logits=None, cache=p.k_cache, fmt=p.cache_format, page=p.k_cache.shape[1],
@@ -301,7 +297,7 @@ def dense_decode_launches(
 def sparse_decode_launches(
     p: SparseDecodeProblem, plan: Plan, out: Tensor, lse: Tensor
 ) -> list[Launch]:
-    rows, axis1, group = _groups(p)
+    rows, axis1, group = row_groups(p)
     extra = None
     if p.extra_k_cache is not None:
         extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)
