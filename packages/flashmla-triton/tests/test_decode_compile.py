@@ -23,7 +23,7 @@ from flashmla_triton.launch import resource_usage
 
 from flashmla import testing
 from flashmla.bench.shapes import SHAPES
-from flashmla.scheduler import Schedule
+from flashmla.scheduler import DecodePlan, Schedule
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -45,8 +45,8 @@ def _attention_launch(shape, cc: int = 90):
         p = testing.problem_for("sparse_prefill", inputs)
         return decode.sparse_prefill_launches(p, *p.empty_outputs())[0]
     p = testing.problem_for("decode", inputs)
-    plan = decode.Plan.of(
-        p, Schedule(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    plan = DecodePlan.of(
+        p.q, Schedule(torch.zeros(4, 8, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
     )
     make = (
         decode.sparse_decode_launches

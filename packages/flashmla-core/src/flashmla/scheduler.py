@@ -84,6 +84,30 @@ class SchedMeta:
         return key[1]
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """A decode call's split-KV schedule and the fp32 accumulators its split requests write
+    (what a GPU backend's ``plan_*_decode`` returns). A SchedMeta keeps one per step for all
+    layers: their calls run one after another on a stream, so they share the accumulators.
+    ``launches`` is the backend's cache of prepared launches by input layout."""
+
+    schedule: Schedule
+    o_acc: torch.Tensor  # [b + parts, s_q, h_q, dv] partial outputs, normalised
+    lse_acc: torch.Tensor  # [b + parts, s_q, h_q] partial base-2 lse
+    launches: dict[tuple, list] = field(default_factory=dict, compare=False)
+
+    @staticmethod
+    def of(q: torch.Tensor, schedule: Schedule, d_v: int = 512) -> DecodePlan:
+        """Accumulators for queries ``q [b, s_q, h_q, d]``: one slot per request and part."""
+        b, s_q, h_q, _ = q.shape
+        slots = b + schedule.metadata.shape[0]
+        return DecodePlan(
+            schedule,
+            torch.empty((slots, s_q, h_q, d_v), dtype=torch.float32, device=q.device),
+            torch.empty((slots, s_q, h_q), dtype=torch.float32, device=q.device),
+        )
+
+
 def device_sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

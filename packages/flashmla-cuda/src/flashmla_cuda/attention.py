@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from flashmla.problems import (
     SparsePrefillProblem,
     row_groups,
 )
-from flashmla.scheduler import Schedule, device_sm_count
+from flashmla.scheduler import DecodePlan, Schedule, device_sm_count
 
 from . import splitkv
 from .compiler import Build
@@ -141,30 +141,6 @@ def builds(cc: tuple[int, int]) -> list[Build]:
 # Plans: the split-KV schedule and the accumulators of split requests
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A decode call's split-KV schedule and the accumulators its split requests write. A
-    SchedMeta keeps one per step for all layers (their calls run in stream order, so they share
-    the accumulators)."""
-
-    schedule: Schedule
-    o_acc: Tensor  # [b + parts, s_q, h_q, 512] fp32 partial outputs
-    lse_acc: Tensor  # [b + parts, s_q, h_q] fp32 partial base-2 lse
-    # Launches by the layout of the other inputs (the layers of a step share them).
-    launches: dict[tuple, list[Launch]] = field(default_factory=dict, compare=False)
-
-    @staticmethod
-    def of(p: DenseDecodeProblem | SparseDecodeProblem, schedule: Schedule) -> Plan:
-        b, s_q, h_q, _ = p.q.shape
-        slots = b + schedule.metadata.shape[0]
-        dev = p.q.device
-        return Plan(
-            schedule,
-            torch.empty((slots, s_q, h_q, D_V), dtype=torch.float32, device=dev),
-            torch.empty((slots, s_q, h_q), dtype=torch.float32, device=dev),
-        )
-
-
 def _config_of(p: DenseDecodeProblem | SparseDecodeProblem) -> Config:
     rows, _, _ = row_groups(p)
     fmt = FMT_CODE[p.cache_format]
@@ -187,12 +163,12 @@ def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
     return splitkv.schedule(b=b, num_parts=parts, device=p.q.device, seqlens=p.cache_seqlens)
 
 
-def plan_dense_decode(p: DenseDecodeProblem) -> Plan:
-    return Plan.of(p, p.schedule if p.schedule is not None else _schedule(p))
+def plan_dense_decode(p: DenseDecodeProblem) -> DecodePlan:
+    return DecodePlan.of(p.q, p.schedule if p.schedule is not None else _schedule(p))
 
 
-def plan_sparse_decode(p: SparseDecodeProblem) -> Plan:
-    return Plan.of(p, p.schedule if p.schedule is not None else _schedule(p))
+def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
+    return DecodePlan.of(p.q, p.schedule if p.schedule is not None else _schedule(p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +226,7 @@ def _launch_attention(
     *, q4: Tensor, out4: Tensor, lse: Tensor, lse_strides: tuple[int, int, int],
     max_logits: Tensor | None, cache: Tensor, fmt: CacheFormat, page: int, slots: Tensor,
     slot_strides: tuple[int, int], lengths: Tensor | None, list_len: int, extra: tuple | None,
-    sink: Tensor | None, plan: Plan | None, num_requests: int, rows: int, axis1: int,
+    sink: Tensor | None, plan: DecodePlan | None, num_requests: int, rows: int, axis1: int,
     group: int, sparse: bool, causal: bool, scale: float,
 ) -> tuple[list[Launch], bool]:  # fmt: skip
     """Launch the attention kernel (and the combine, with a plan); returns the launches and
@@ -332,7 +308,7 @@ def _layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
 
 
-def _relaunch(plan: Plan, key: tuple, pointers: dict[str, int], launch) -> None:
+def _relaunch(plan: DecodePlan, key: tuple, pointers: dict[str, int], launch) -> None:
     """Relaunch the plan's launches for ``key`` (inputs of the same layout) with this call's
     pointers, or launch anew and keep them. ``pointers`` holds the attention kernel's tensor
     fields; the combine takes ``out`` / ``lse`` / ``sink`` from it."""
@@ -347,7 +323,7 @@ def _relaunch(plan: Plan, key: tuple, pointers: dict[str, int], launch) -> None:
     combine.run({"out": pointers["out"], "lse": pointers["lse"], "sink": pointers["sink"]})
 
 
-def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
+def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
     with _on_device(p.q.device):
         plan = plan if plan is not None else plan_dense_decode(p)
@@ -377,7 +353,7 @@ def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tens
     return out, lse
 
 
-def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
+def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
     with _on_device(p.q.device):
         plan = plan if plan is not None else plan_sparse_decode(p)

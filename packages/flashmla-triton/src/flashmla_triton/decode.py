@@ -7,7 +7,7 @@ query token its own program (its work is uniform)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,7 +21,7 @@ from flashmla.problems import (
     SparsePrefillProblem,
     row_groups,
 )
-from flashmla.scheduler import OVERHEAD_BLOCKS, Schedule, device_sm_count
+from flashmla.scheduler import OVERHEAD_BLOCKS, DecodePlan, Schedule, device_sm_count
 
 from . import INTERPRET
 from .kernels.attention import FMT_MODEL1, FMT_PLAIN, FMT_V32, LOG2E, mla_attention_kernel
@@ -109,35 +109,12 @@ def _schedule(p: DenseDecodeProblem | SparseDecodeProblem) -> Schedule:
     return Schedule(metadata, num_splits)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A decode call's split-KV schedule and the accumulators its split requests write. A
-    SchedMeta keeps one per step for all layers: their calls run one after another on a stream,
-    so they can share the accumulators."""
-
-    schedule: Schedule
-    o_acc: Tensor  # [b + parts, s_q, h_q, 512] fp32 partial outputs
-    lse_acc: Tensor  # [b + parts, s_q, h_q] fp32 partial base-2 lse
-    # Launch templates by the layout of the other inputs: the layers of one step share them.
-    templates: dict[tuple, list[Launch]] = field(default_factory=dict, compare=False)
-
-    @staticmethod
-    def of(p: DenseDecodeProblem | SparseDecodeProblem, schedule: Schedule) -> Plan:
-        b, s_q, h_q, _ = p.q.shape
-        slots = b + schedule.metadata.shape[0]
-        acc = torch.empty(slots * s_q * h_q * 513, dtype=torch.float32, device=p.q.device)
-        split = slots * s_q * h_q * 512
-        return Plan(
-            schedule, acc[:split].view(slots, s_q, h_q, 512), acc[split:].view(slots, s_q, h_q)
-        )
+def plan_dense_decode(p: DenseDecodeProblem) -> DecodePlan:
+    return DecodePlan.of(p.q, p.schedule if p.schedule is not None else _schedule(p))
 
 
-def plan_dense_decode(p: DenseDecodeProblem) -> Plan:
-    return Plan.of(p, p.schedule if p.schedule is not None else _schedule(p))
-
-
-def plan_sparse_decode(p: SparseDecodeProblem) -> Plan:
-    return Plan.of(p, p.schedule if p.schedule is not None else _schedule(p))
+def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
+    return DecodePlan.of(p.q, p.schedule if p.schedule is not None else _schedule(p))
 
 
 def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple:
@@ -192,7 +169,7 @@ def attention_launches(
     *, q4: Tensor, out4: Tensor, lse_strides: tuple[int, int, int], lse: Tensor,
     max_logits: Tensor | None, cache: Tensor, fmt: CacheFormat, page: int,
     slots: Tensor, slot_strides: tuple[int, int], lengths: Tensor | None, list_len: int,
-    extra: tuple | None, sink: Tensor | None, plan: Plan | None, num_requests: int,
+    extra: tuple | None, sink: Tensor | None, plan: DecodePlan | None, num_requests: int,
     rows: int, axis1: int, group: int, sparse: bool, causal: bool, scale: float,
 ) -> list[Launch]:  # fmt: skip
     """The attention kernel's launch (and the combine's, for a split-KV schedule)."""
@@ -281,7 +258,7 @@ def _run(launches: list[Launch], tensors: dict[str, Tensor | None] | None = None
 
 
 def dense_decode_launches(
-    p: DenseDecodeProblem, plan: Plan, out: Tensor, lse: Tensor
+    p: DenseDecodeProblem, plan: DecodePlan, out: Tensor, lse: Tensor
 ) -> list[Launch]:
     rows, axis1, group = row_groups(p)
     return attention_launches(
@@ -295,7 +272,7 @@ def dense_decode_launches(
 
 
 def sparse_decode_launches(
-    p: SparseDecodeProblem, plan: Plan, out: Tensor, lse: Tensor
+    p: SparseDecodeProblem, plan: DecodePlan, out: Tensor, lse: Tensor
 ) -> list[Launch]:
     rows, axis1, group = row_groups(p)
     extra = None
@@ -332,12 +309,12 @@ def _layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype)
 
 
-def _run_templated(plan: Plan, key: tuple, build, tensors: dict[str, Tensor | None]) -> None:
+def _run_templated(plan: DecodePlan, key: tuple, build, tensors: dict[str, Tensor | None]) -> None:
     """Run ``build()``'s launches, built once per plan and input layout (the layers of a
     decoding step share them) and relaunched with this call's tensors."""
-    templates = plan.templates.get(key)
+    templates = plan.launches.get(key)
     if templates is None:
-        templates = plan.templates[key] = [launch.template() for launch in build()]
+        templates = plan.launches[key] = [launch.template() for launch in build()]
         _run(templates)
         return
     k_desc = templates[0].args.get("k_desc")
@@ -348,7 +325,7 @@ def _run_templated(plan: Plan, key: tuple, build, tensors: dict[str, Tensor | No
     _run(templates, tensors)
 
 
-def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
+def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
     if plan is None:  # a one-off call: nothing to reuse
         _run(dense_decode_launches(p, plan_dense_decode(p), out, lse))
@@ -369,7 +346,7 @@ def dense_decode(p: DenseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tens
     return out, lse
 
 
-def sparse_decode(p: SparseDecodeProblem, plan: Plan | None) -> tuple[Tensor, Tensor]:
+def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
     if plan is None:  # a one-off call: nothing to reuse
         _run(sparse_decode_launches(p, plan_sparse_decode(p), out, lse))
