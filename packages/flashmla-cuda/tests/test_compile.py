@@ -11,6 +11,7 @@ from flashmla_cuda import builds as catalog
 from flashmla_cuda.compiler import Build, compile_nvcc, compile_nvrtc, resource_usage, sass
 
 TARGETS = {"sm_80": (8, 0), "sm_90a": (9, 0), "sm_100a": (10, 0)}
+DECODE_MMA = {"attention": "HMMA", "decode_sm90": "HGMMA"}  # family -> required SASS MMA
 
 
 def _cases() -> list[tuple[str, str, Build]]:
@@ -32,10 +33,10 @@ def test_nvrtc_compiles_without_spills(case):
     cubin = compile_nvrtc(build, arch)
     for name, use in resource_usage(cubin).items():
         print(f"\n{arch} {build.source} {dict(build.defines)} {name}: {use}")
-        if family == "attention":
+        if family in DECODE_MMA:
             assert use.get("STACK", 0) == 0 and use.get("LOCAL", 0) == 0, f"{name} spills: {use}"
-    if family == "attention":
-        assert "HMMA" in sass(cubin), "the attention kernel must use tensor-core MMA"
+    if family in DECODE_MMA:
+        assert DECODE_MMA[family] in sass(cubin), f"{family} must use {DECODE_MMA[family]}"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
@@ -49,7 +50,7 @@ def test_nvcc_compiles_every_source(arch):
     for build in seen.values():
         _, log = compile_nvcc(build, arch)
         print(f"\n{arch} {build.source}:\n{log}")
-        if build.source == "mla_attention.cu":
+        if build.source in ("mla_attention.cu", "mla_decode_sm90.cu"):
             assert " 0 bytes spill stores" in log or "spill" not in log, log
 
 

@@ -7,9 +7,9 @@ import re
 
 import numpy as np
 import pytest
-from flashmla_cuda import attention, cache_write, compiler, mha, splitkv
+from flashmla_cuda import attention, cache_write, compiler, decode_sm90, mha, splitkv
 from flashmla_cuda.compiler import Build, target_arch
-from flashmla_cuda.launch import F32, I32, I64, PTR, pack, struct_type
+from flashmla_cuda.launch import F32, I32, I64, PTR, TMAP, pack, struct_type
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def _c_struct(source: str, name: str) -> list[tuple[str, type]]:
         if not decl:
             continue
         ctype, names = re.match(r"((?:const )?\w+\s*\*?)\s*(.*)", decl).groups()
-        kinds = {"i64": I64, "u64": PTR, "int": I32, "float": F32}
+        kinds = {"i64": I64, "u64": PTR, "int": I32, "float": F32, "TensorMap": TMAP}
         kind = PTR if "*" in ctype else kinds[ctype.strip()]
         fields += [(n.strip(), kind) for n in names.split(",")]
     return fields
@@ -84,13 +84,17 @@ def _c_struct(source: str, name: str) -> list[tuple[str, type]]:
         ("mha.cu", "MhaFwdParams", mha.FWD_PARAMS),
         ("mha.cu", "MhaPrepParams", mha.PREP_PARAMS),
         ("mha.cu", "MhaBwdParams", mha.BWD_PARAMS),
+        ("mla_decode_sm90.cu", "DecodeParams", decode_sm90.PARAMS),
     ],
 )
 def test_param_structs_mirror_c(source, name, layout):
     """Every Python parameter struct matches its C struct field by field (name and kind), so a
     field added on one side only fails here, not as garbage arguments on the GPU."""
     dtype = layout.dtype
-    assert [(n, dtype.fields[n][0].type) for n in dtype.names] == _c_struct(source, name)
+    kinds = [
+        (n, TMAP if dtype.fields[n][0] == TMAP else dtype.fields[n][0].type) for n in dtype.names
+    ]
+    assert kinds == _c_struct(source, name)
     assert dtype.itemsize % 8 == 0  # padded to the pointers' alignment, as C does
     assert layout.packer.size == dtype.itemsize
 
@@ -104,3 +108,37 @@ def test_attention_config_fits_shared_memory(cc, rows, fmt, d_qk):
     assert attention.smem_bytes(cfg, fmt, d_qk) <= limit
     assert cfg.stages >= 2 and (cfg.block_m >= min(rows, 64) or limit < 160 * 1024)
     assert (cfg.block_m // 16) * (cfg.warps // (cfg.block_m // 16)) == cfg.warps
+
+
+def test_tensor_map_struct_is_64_byte_aligned():
+    """A CUtensorMap field comes first and pads the struct to 64 bytes, as C's alignas does;
+    a relaunch replaces its 128 bytes in place."""
+    layout = struct_type([("map", TMAP), ("p", PTR), ("n", I32)])
+    assert layout.itemsize == 192 and layout.packer.size == 192
+    raw = pack(layout, {"map": bytes(range(128)), "p": 7, "n": 3}).tobytes()
+    assert raw[:128] == bytes(range(128)) and raw[128:136] == (7).to_bytes(8, "little")
+    with pytest.raises(ValueError, match="first field"):
+        struct_type([("p", PTR), ("map", TMAP)])
+
+
+def test_sm90_shared_memory_matches_the_kernel_layout():
+    """The launcher's size is the kernel's SMEM_BYTES (the kernel traps if given less)."""
+    text = (compiler.KERNELS / "mla_decode_sm90.cu").read_text()
+    assert "static_assert(SMEM_BYTES <= 227 * 1024" in text
+    assert decode_sm90.SMEM_BYTES <= 227 * 1024
+    assert decode_sm90.SMEM_BYTES == 3 * 73728 + 8192 + 1024 + 512 + 32 + 1024
+
+
+@pytest.mark.parametrize(
+    "address,dims,strides,ok",
+    [
+        (0x1000, (576, 1, 64, 10), (1152, 73728, 73728), True),
+        (0x1008, (576, 1, 64, 10), (1152, 73728, 73728), False),  # misaligned base
+        (0x1000, (576, 2, 64, 10), (1160, 73728, 73728), False),  # stride not a multiple of 16
+        (0x1000, (576, 1, 64, 0), (1152, 73728, 73728), False),  # no pages
+    ],
+)
+def test_tensor_map_rules(address, dims, strides, ok):
+    from flashmla_cuda import tma
+
+    assert (tma.check_tiled(address, dims, strides, 2) is None) == ok

@@ -5,9 +5,13 @@ must stay import-light (no CuPy import). The implementation lives in :mod:`flash
 kernel sources are the ``kernels/*.cu`` files beside it, compiled per device by
 :mod:`flashmla_cuda.compiler`.
 
-The kernels here are the *portable* family (warp-level ``mma.sync`` tensor-core code, compute
-capability 8.0 and newer; SM100 runs it too). Architecture-specific families register as
-separate op entries with ``arch=...`` and a higher priority when they exist.
+Two backends come from this package:
+
+- ``cuda``: the *portable* family (warp-level ``mma.sync`` tensor-core code, compute capability
+  8.0 and newer; SM100 runs it too) for every op;
+- ``cuda-sm90``: Hopper's own dense decode (wgmma, TMA, warp specialization; sm_90a), for the
+  cases it declares. It outranks every other backend there; whatever it does not declare falls
+  through the registry (with its reasons) to the next backend.
 """
 
 from __future__ import annotations
@@ -52,4 +56,27 @@ def spec():
             "mha_backward": mha,
             "cache_write": write,
         },
+    )
+
+
+def sm90_spec():
+    import torch
+
+    from flashmla.formats import CacheFormat
+    from flashmla.registry import BackendSpec, OpSupport, PageSizes
+
+    decode = OpSupport(
+        arch="sm_90a", dtypes=frozenset({torch.bfloat16, torch.float16}),
+        cache_formats=frozenset({CacheFormat.BF16, CacheFormat.FP16}),
+        head_dims=frozenset({(576, 512)}), page_sizes=PageSizes(64, 1024, 64),
+        features=frozenset({"causal", "mtp"}),
+    )  # fmt: skip
+    return BackendSpec(
+        name="cuda-sm90",
+        version=__version__,
+        implementation="flashmla_cuda.decode_sm90",
+        priority=30,
+        requires=("cupy",),
+        description="CUDA C++ via CuPy NVRTC: SM90 dense decode (wgmma, TMA, warp specialization)",
+        ops={"dense_decode": decode},
     )

@@ -183,7 +183,7 @@ def _aligned(t: Tensor, inner: int) -> bool:
     )
 
 
-def _aligned_queries(q: Tensor) -> Tensor:
+def aligned_queries(q: Tensor) -> Tensor:
     if _aligned(q, 1):
         return q
     _warn_copy("q")
@@ -235,7 +235,7 @@ def _launch_attention(
     code = FMT_CODE[fmt]
     cfg = choose_config(rows, code, d_qk, max_smem(q4.device))
     q_given, cache_given = q4, cache
-    q4 = _aligned_queries(q4)
+    q4 = aligned_queries(q4)
     cache_t, cs, copy8 = _cache_args(cache, fmt)
     reusable = q4 is q_given and cache_t.data_ptr() == cache_given.data_ptr()
     values = {
@@ -297,14 +297,14 @@ def _shift(page: int) -> int:
     return page.bit_length() - 1 if page & (page - 1) == 0 else -1
 
 
-def _on_device(device: torch.device):
+def on_device(device: torch.device):
     """The tensors' device as the current one (kernels launch on the current device)."""
     if device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
 
 
-def _layout(t: Tensor | None) -> tuple | None:
+def layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
 
 
@@ -325,7 +325,7 @@ def _relaunch(plan: DecodePlan, key: tuple, pointers: dict[str, int], launch) ->
 
 def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
-    with _on_device(p.q.device):
+    with on_device(p.q.device):
         plan = plan if plan is not None else plan_dense_decode(p)
         rows, axis1, group = row_groups(p)
 
@@ -341,8 +341,8 @@ def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor
             )  # fmt: skip
 
         key = (
-            "dense", _layout(p.q), _layout(p.k_cache), _layout(p.block_table),
-            _layout(p.cache_seqlens), p.softmax_scale, p.causal,
+            "dense", layout(p.q), layout(p.k_cache), layout(p.block_table),
+            layout(p.cache_seqlens), p.softmax_scale, p.causal,
         )  # fmt: skip
         pointers = {
             "q": p.q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
@@ -355,7 +355,7 @@ def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor
 
 def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     out, lse = p.empty_outputs()
-    with _on_device(p.q.device):
+    with on_device(p.q.device):
         plan = plan if plan is not None else plan_sparse_decode(p)
         rows, axis1, group = row_groups(p)
         extra = None
@@ -374,8 +374,8 @@ def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tens
             )  # fmt: skip
 
         key = (
-            "sparse", _layout(p.q), _layout(p.k_cache), _layout(p.indices),
-            _layout(p.topk_length), _layout(p.attn_sink), p.softmax_scale,
+            "sparse", layout(p.q), layout(p.k_cache), layout(p.indices),
+            layout(p.topk_length), layout(p.attn_sink), p.softmax_scale,
         )  # fmt: skip
         pointers = {
             "q": p.q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
@@ -392,7 +392,7 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
     one-token pages (so flat slots are token indices and ``s_kv`` bounds them)."""
     out, max_logits, lse = p.empty_outputs()
     s_q, h_q, _d = p.q.shape
-    with _on_device(p.q.device):
+    with on_device(p.q.device):
         _launch_attention(  # one-off launches: sparse prefill has no plan to keep them in
             q4=p.q.unsqueeze(1), out4=out.unsqueeze(1), lse=lse,
             lse_strides=(lse.stride(0), 0, lse.stride(1)), max_logits=max_logits,

@@ -19,9 +19,11 @@ import torch
 
 from .compiler import Build, cubin, target_arch
 
-# Field kinds of parameter structs: pointers and strides are 64-bit, sizes 32-bit.
+# Field kinds of parameter structs: pointers and strides are 64-bit, sizes 32-bit; TMAP is a
+# CUtensorMap (128 opaque bytes, 64-byte aligned: C pads the struct to a multiple of 64).
 PTR, I64, I32, F32 = np.uint64, np.int64, np.int32, np.float32
-_CODES = {PTR: "Q", I64: "q", I32: "i", F32: "f"}
+TMAP = np.dtype("V128")
+_CODES = {PTR: "Q", I64: "q", I32: "i", F32: "f", TMAP: "128s"}
 
 _MAX_DYNAMIC_SMEM = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
@@ -46,6 +48,14 @@ class StructType:
 def struct_type(fields: Sequence[tuple[str, type]]) -> StructType:
     """The twin of a C struct whose fields are ``fields`` in order (C alignment and padding)."""
     dtype = np.dtype(list(fields), align=True)
+    if any(kind is TMAP for _, kind in fields):
+        if dtype.fields[fields[0][0]][0] != TMAP:
+            raise ValueError("a tensor map must be the struct's first field (64-byte aligned)")
+        dtype = np.dtype({
+            "names": dtype.names, "formats": [dtype.fields[n][0] for n in dtype.names],
+            "offsets": [dtype.fields[n][1] for n in dtype.names],
+            "itemsize": -(-dtype.itemsize // 64) * 64,
+        })  # fmt: skip
     fmt, at = "<", 0
     for name, kind in fields:
         offset = dtype.fields[name][1]
@@ -91,9 +101,13 @@ class Launch:
         offsets = {name: layout.dtype.fields[name][1] for name in layout.names}
         return Launch(kernel, grid, block, smem, bytearray(pack(layout, values).tobytes()), offsets)
 
-    def run(self, pointers: Mapping[str, int] | None = None) -> None:
+    def run(self, pointers: Mapping[str, int | bytes] | None = None) -> None:
         for name, value in (pointers or {}).items():
-            _U64.pack_into(self.params, self.offsets[name], value)
+            at = self.offsets[name]
+            if isinstance(value, bytes):  # a tensor map
+                self.params[at : at + len(value)] = value
+            else:
+                _U64.pack_into(self.params, at, value)
         self.kernel(self.grid, self.block, np.void(bytes(self.params)), self.smem)
 
 

@@ -1,0 +1,141 @@
+"""The SM90 dense decode family (``kernels/mla_decode_sm90.cu``): wgmma, TMA, warp specialization.
+
+It is the implementation of the ``cuda-sm90`` backend (see :func:`flashmla_cuda.sm90_spec`), which
+declares exactly what the kernel handles: compute capability 9.0, bf16/fp16 caches with
+(d_qk, d_v) = (576, 512) and page blocks that are multiples of 64. Every other case falls through
+the registry to the next backend, with these reasons. A cache the copy engine cannot address
+(misaligned base or strides) runs the portable kernel instead, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from flashmla.problems import DenseDecodeProblem, row_groups
+from flashmla.scheduler import DecodePlan, dense_num_parts, device_sm_count
+
+from . import attention, splitkv, tma
+from .compiler import Build
+from .launch import F32, I32, I64, PTR, TMAP, Launch, kernel, ptr, struct_type
+
+THREADS = 384  # a producer warpgroup and two consumer warpgroups
+BLOCK = 64  # query rows per CTA and tokens per key block
+TILE = 64 * 576 * 2  # one Q tile or key block in shared memory
+# Q, two key stages, P, row maxima and sums, four mbarriers, 1024 bytes of alignment slack
+SMEM_BYTES = 3 * TILE + 64 * 128 + 4 * 64 * 4 + 2 * 64 * 4 + 4 * 8 + 1024
+
+PARAMS = struct_type(
+    [("kv", TMAP)]
+    + [(name, PTR) for name in (
+        "q", "out", "lse", "o_acc", "lse_acc", "block_table", "lengths", "metadata", "num_splits",
+    )]
+    + [(name, I64) for name in (
+        "q_b", "q_t", "q_h", "o_b", "o_t", "o_h", "l_b", "l_t", "l_h", "table_b",
+    )]
+    + [(name, I32) for name in (
+        "num_pages", "page", "list_len", "s_q", "group", "rows", "h_q", "causal",
+    )]
+    + [("scale_log2", F32)]
+)  # fmt: skip
+
+
+def build_for(fp16: bool) -> Build:
+    return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16)
+
+
+def builds(cc: tuple[int, int]) -> list[Build]:
+    return [build_for(False), build_for(True)] if cc == (9, 0) else []
+
+
+def kv_tensor_map(cache: Tensor) -> bytes:
+    """The cache ``[pages, page, h_kv, 576]`` as a 4-D map (dim, head, token, page), box of 64
+    dims x 1 head x 64 tokens x 1 page. Raises :class:`tma.TensorMapError` if not addressable."""
+    pages, page, h_kv, d = cache.shape
+    if cache.stride(3) != 1:
+        raise tma.TensorMapError("the cache's last dimension must be contiguous")
+    size = cache.element_size()
+    strides = (cache.stride(2) * size, cache.stride(1) * size, cache.stride(0) * size)
+    return tma.encode_tiled(cache.data_ptr(), (d, h_kv, page, pages), strides, (64, 1, 64, 1))
+
+
+def plan_dense_decode(p: DenseDecodeProblem) -> DecodePlan:
+    if p.schedule is not None:
+        return DecodePlan.of(p.q, p.schedule)
+    rows, h_kv, _ = row_groups(p)
+    parts = dense_num_parts(device_sm_count(p.q.device), rows, h_kv)
+    schedule = splitkv.schedule(
+        b=p.q.shape[0], num_parts=parts, device=p.q.device, seqlens=p.cache_seqlens
+    )
+    return DecodePlan.of(p.q, schedule)
+
+
+_WARNED = False
+
+
+def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
+    try:
+        kv = kv_tensor_map(p.k_cache)
+    except tma.TensorMapError as exc:
+        global _WARNED
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(
+                f"flashmla-cuda: the SM90 decode kernel cannot read this cache ({exc}); "
+                "running the portable kernel",
+                stacklevel=3,
+            )
+        return attention.dense_decode(p, plan)
+    out, lse = p.empty_outputs()
+    with attention.on_device(p.q.device):
+        plan = plan if plan is not None else plan_dense_decode(p)
+        q = attention.aligned_queries(p.q)
+        pointers = {
+            "kv": kv, "q": q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
+            "block_table": p.block_table.data_ptr(), "lengths": p.cache_seqlens.data_ptr(),
+        }  # fmt: skip
+        key = (
+            "sm90", attention.layout(q), attention.layout(p.k_cache), attention.layout(p.block_table),
+            attention.layout(p.cache_seqlens), p.softmax_scale, p.causal,
+        )  # fmt: skip
+        found = plan.launches.get(key)
+        if found is None:
+            launches = _launch(p, q, out, lse, kv, plan)
+            if q is p.q:  # (a copied q has a pointer of its own: launch anew next time)
+                plan.launches[key] = launches
+        else:
+            decode, combine = found
+            decode.run(pointers)
+            combine.run({"out": pointers["out"], "lse": pointers["lse"], "sink": 0})
+    return out, lse
+
+
+def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: bytes,
+            plan: DecodePlan) -> tuple[Launch, Launch]:  # fmt: skip
+    """Run the decode and combine kernels; returns their launches for relaunching."""
+    _b, s_q, h_q, _d = q.shape
+    rows, h_kv, group = row_groups(p)
+    table = p.block_table
+    values = {
+        "kv": kv, "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
+        "lse_acc": ptr(plan.lse_acc), "block_table": ptr(table), "lengths": ptr(p.cache_seqlens),
+        "metadata": ptr(plan.schedule.metadata), "num_splits": ptr(plan.schedule.num_splits),
+        "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
+        "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
+        "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
+        "table_b": table.stride(0),
+        "num_pages": p.k_cache.shape[0], "page": p.k_cache.shape[1], "list_len": table.shape[1],
+        "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
+        "scale_log2": p.softmax_scale * attention.LOG2E,
+    }  # fmt: skip
+    k = kernel(build_for(q.dtype == torch.float16), "mla_decode_sm90", q.device)
+    grid = (-(-rows // BLOCK), h_kv, plan.schedule.metadata.shape[0])
+    decode = Launch.of(k, grid, THREADS, PARAMS, values, SMEM_BYTES)
+    decode.run()
+    combine = splitkv.combine(
+        o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits, out=out,
+        lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=None,
+    )  # fmt: skip
+    return decode, combine
