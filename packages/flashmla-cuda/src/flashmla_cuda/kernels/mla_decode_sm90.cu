@@ -13,7 +13,7 @@
 // m64n32k16 over 576 dims, Q and K from shared memory), the two consumers agree on each row's
 // maximum through shared memory, write their half of P (16-bit) into a shared 64x64 tile, and
 // each runs O_c += P V_c (4 wgmma m64n256k16, V = the key tile's first 512 dims read
-// transposed). A block's P V overlaps the next block's Q K^T in the tensor pipe.
+// transposed), then releases the block's stage to the producer.
 //
 // Rows are (token, head) pairs as in the portable kernel; whole requests write the final
 // output, pieces of split requests write fp32 partials for the combine kernel.
@@ -109,7 +109,9 @@ template <bool FP16>
 DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic_base,
                   u32 full, u32 empty) {
   const int tid = threadIdx.x - 128;  // 0..255 over both consumers
-  const int c = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
+  // The consumer index through a shuffle: provably warp-uniform, so the operand descriptors
+  // derived from it stay in uniform registers (no per-wgmma moves).
+  const int c = __shfl_sync(0xffffffffu, tid / 128, 0), lane = tid % 32, warp = (tid % 128) / 32;
   const int t4 = lane % 4;
   const u32 q_smem = base + SMEM_Q, k_smem = base + SMEM_K, p_smem = base + SMEM_P;
   float* const red_max = reinterpret_cast<float*>(generic_base + SMEM_MAX);
@@ -128,7 +130,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic
   }
 
   float o[128];  // O[:, 256c + 8j + 2 t4 + {0,1}] at o[4j + {0,1}] (row 0), o[4j + {2,3}] (row 1)
-  int it = 0, held = -1;  // held: the stage the last issued P V still reads
+  int it = 0;
   for (int req = part.begin_req; req <= part.end_req; ++req) {
     named_barrier(CONSUMER_BARRIER, CONSUMERS);  // the previous request's Q readers are done
     for (int i = tid; i < BLOCK * BOXES * 8; i += CONSUMERS) {  // Q -> shared, swizzled
@@ -162,31 +164,36 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic
       mbar_wait(full + 8 * s, (it / STAGES) & 1);
 
       // S_c = Q K^T over the tokens [32c, 32c + 32) of the block.
+      // Descriptors are linear in the address: one per operand, plus constants per k-step.
       float sc[16];
+      const u64 q_desc = smem_desc(q_smem, 16, 1024);
+      const u64 k_desc = smem_desc(k_tile + c * 32 * 128, 16, 1024);
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < D_QK / 16; ++k) {
-        const u32 off = (k / 4) * BOX_BYTES + (k % 4) * 32;
-        wgmma_m64n32k16<FP16>(sc, smem_desc(q_smem + off, 16, 1024),
-                              smem_desc(k_tile + off + c * 32 * 128, 16, 1024), k > 0);
+        const u32 off = ((k / 4) * BOX_BYTES + (k % 4) * 32) >> 4;
+        wgmma_m64n32k16<FP16>(sc, q_desc + off, k_desc + off, k > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();  // also the previous block's P V: its stage is free again
+      wgmma_wait<0>();
       fence_regs(sc);
-      fence_regs(o);
-      if (held >= 0 && lane == 0) mbar_arrive(empty + 8 * held);
-      held = s;
 
       // Scale, mask (length, invalid page, causal), row maxima of both halves.
+      // Row i sees the tokens n < limit[i] of the block (this thread's columns: n = 32c + 8j +
+      // 2 t4 + {0, 1}).
       float mx[2] = {-F_INF, -F_INF};
+      int limit[2];
+      for (int i = 0; i < 2; ++i) {
+        limit[i] = page_ok ? n_valid : 0;
+        if (p.causal) limit[i] = min(limit[i], causal_base + row_t[i] - blk * BLOCK + 1);
+        limit[i] -= 32 * c + 2 * t4;
+      }
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int n = 32 * c + 8 * j + 2 * t4 + (e & 1), i = e / 2;
-          bool sees = page_ok && n < n_valid;
-          if (p.causal) sees = sees && blk * BLOCK + n <= causal_base + row_t[i];
-          const float v = sees ? sc[4 * j + e] * p.scale_log2 : -F_INF;
+          const int i = e / 2;
+          const float v = 8 * j + (e & 1) < limit[i] ? sc[4 * j + e] * p.scale_log2 : -F_INF;
           sc[4 * j + e] = v;
           mx[i] = fmaxf(mx[i], v);
         }
@@ -243,18 +250,20 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic
 
       // O_c += P V_c: V_c = dims [256c, 256c + 256) of the block, read transposed (MN-major:
       // 64-dim column blocks one box apart, 8-token groups 1024 bytes apart).
+      const u64 p_desc = smem_desc(p_smem, 16, 1024);
+      const u64 v_desc = smem_desc(k_tile + 4 * c * BOX_BYTES, BOX_BYTES, 1024);
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < BLOCK / 16; ++k)
-        wgmma_m64n256k16<FP16>(o, smem_desc(p_smem + k * 32, 16, 1024),
-                               smem_desc(k_tile + 4 * c * BOX_BYTES + k * 16 * 128, BOX_BYTES, 1024),
-                               1);
+        wgmma_m64n256k16<FP16>(o, p_desc + ((k * 32) >> 4), v_desc + ((k * 16 * 128) >> 4), 1);
       wgmma_commit();
+      // Release the stage as soon as P V is done: with two stages, the load of block it + 2
+      // then overlaps all of block it + 1 (holding it through the next Q K^T would leave the
+      // copy engine idle for that long).
+      wgmma_wait<0>();
+      fence_regs(o);
+      if (lane == 0) mbar_arrive(empty + 8 * s);
     }
-    wgmma_wait<0>();
-    fence_regs(o);
-    if (held >= 0 && lane == 0) mbar_arrive(empty + 8 * held);
-    held = -1;
 
     // Row sums of both halves (the same order in both consumers), then the epilogue.
     for (int i = 0; i < 2; ++i) {
