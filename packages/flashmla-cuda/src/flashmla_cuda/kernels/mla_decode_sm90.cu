@@ -105,7 +105,6 @@ DEV void producer(const DecodeParams& p, const Part& part, u32 k_smem, u32 full,
   }
 }
 
-template <bool FP16>
 DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic_base,
                   u32 full, u32 empty) {
   const int tid = threadIdx.x - 128;  // 0..255 over both consumers
@@ -172,7 +171,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic
 #pragma unroll
       for (int k = 0; k < D_QK / 16; ++k) {
         const u32 off = ((k / 4) * BOX_BYTES + (k % 4) * 32) >> 4;
-        wgmma_m64n32k16<FP16>(sc, q_desc + off, k_desc + off, k > 0);
+        wgmma_m64n32k16(sc, q_desc + off, k_desc + off, k > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -255,7 +254,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < BLOCK / 16; ++k)
-        wgmma_m64n256k16<FP16>(o, p_desc + ((k * 32) >> 4), v_desc + ((k * 16 * 128) >> 4), 1);
+        wgmma_m64n256k16(o, p_desc + ((k * 32) >> 4), v_desc + ((k * 16 * 128) >> 4), 1);
       wgmma_commit();
       // Release the stage as soon as P V is done: with two stages, the load of block it + 2
       // then overlaps all of block it + 1 (holding it through the next Q K^T would leave the
@@ -330,6 +329,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     if (threadIdx.x == 0) producer(p, part, base + SMEM_K, full, empty);
   } else {
     regs_raise<240>();
-    consumer<DTYPE_FP16 != 0>(p, part, base, smem + (base - smem_u32(smem)), full, empty);
+    consumer(p, part, base, smem + (base - smem_u32(smem)), full, empty);
   }
 }
