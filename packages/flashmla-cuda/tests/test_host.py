@@ -126,7 +126,7 @@ def test_sm90_shared_memory_matches_the_kernel_layout():
     text = (compiler.KERNELS / "mla_decode_sm90.cu").read_text()
     assert "static_assert(SMEM_BYTES <= 227 * 1024" in text
     assert decode_sm90.SMEM_BYTES <= 227 * 1024
-    assert decode_sm90.SMEM_BYTES == 3 * 73728 + 8192 + 1024 + 512 + 32 + 1024
+    assert decode_sm90.SMEM_BYTES == 3 * 73728 + 512 + 512 + 64 + 1024
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,9 @@ from .launch import F32, I32, I64, PTR, TMAP, Launch, kernel, ptr, struct_type
 THREADS = 384  # a producer warpgroup and two consumer warpgroups
 BLOCK = 64  # query rows per CTA and tokens per key block
 TILE = 64 * 576 * 2  # one Q tile or key block in shared memory
-# Q, two key stages, P, row maxima and sums, four mbarriers, 1024 bytes of alignment slack
-SMEM_BYTES = 3 * TILE + 64 * 128 + 4 * 64 * 4 + 2 * 64 * 4 + 4 * 8 + 1024
+# Q, two key stages, the two consumers' row maxima and sums, eight mbarriers, 1024 bytes of
+# alignment slack (the kernel traps if given less than its layout)
+SMEM_BYTES = 3 * TILE + 2 * 64 * 4 + 2 * 64 * 4 + 8 * 8 + 1024
 
 PARAMS = struct_type(
     [("kv", TMAP)]

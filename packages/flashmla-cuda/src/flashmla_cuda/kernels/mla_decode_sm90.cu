@@ -1,22 +1,34 @@
-// Dense MLA decode for Hopper (sm_90a): wgmma for both products, the copy engine (TMA) feeding a
-// two-stage shared-memory pipeline that completes on mbarriers, and warp specialization.
+// Dense MLA decode for Hopper (sm_90a): wgmma for both products, the copy engine (TMA) feeding
+// shared memory through mbarriers, warp specialization, and a two-block "seesaw" schedule that
+// runs one consumer's softmax under the other's matrix products.
 //
 // One CTA = 384 threads = 3 warpgroups, persistent over its part of the split-KV schedule
-// (flashmla.scheduler rows, the same as the portable kernel's):
-//   WG0  producer (24 registers): one thread walks the schedule and issues, per 64-token block,
-//        9 TMA boxes of 64 tokens x 64 dims into a free stage (the page table lookup is the
-//        box's page coordinate; page ids out of range land as zeros);
-//   WG1, WG2  consumers c = 0, 1 (240 registers): 64 query rows (the rows of one KV head, MTP
-//        tokens stacked), O split by columns: consumer c owns O[:, 256c : 256c + 256] in
-//        registers (128 fp32 per thread).
-// Per block, consumer c computes S_c = Q K^T for the block's tokens [32c, 32c + 32) (36 wgmma
-// m64n32k16 over 576 dims, Q and K from shared memory), the two consumers agree on each row's
-// maximum through shared memory, write their half of P (16-bit) into a shared 64x64 tile, and
-// each runs O_c += P V_c (4 wgmma m64n256k16, V = the key tile's first 512 dims read
-// transposed), then releases the block's stage to the producer.
+// (flashmla.scheduler rows, the same as the portable kernel's). It stacks 64 query rows (the
+// rows of one KV head, MTP tokens included) and walks the keys in pairs of 64-token blocks
+// A (stage 0) and B (stage 1):
+//   WG0  producer (24 registers): one thread issues 9 TMA boxes (64 tokens x 64 dims) per block
+//        through a 4-D tensor map (dim, kv head, token in page, page), in two halves per stage
+//        (boxes 0-3 = the left V columns, boxes 4-8) with a full and an empty mbarrier each, so
+//        a half is refilled as soon as its last reader is done;
+//   WG1  consumer "left"  (240 registers): owns O[:, 0:256]; scores block A;
+//   WG2  consumer "right" (240 registers): owns O[:, 256:512]; scores block B.
+// Per pair, with m the shared running row maximum (base 2):
+//   left:  S_A = Q K_A^T; m_A = max(m, rowmax S_A); P_A = exp2(S_A - m_A);
+//          O_L = O_L * exp2(m - m_A) + P_A V_A[:, left]        (P_A from registers)
+//   right: (m_A from left) S_B = Q K_B^T; m_B = max(m_A, rowmax S_B); P_B = exp2(S_B - m_B);
+//          O_R = O_R * exp2(m - m_B) + P_B V_B[:, right]       (P_B from registers; P_B also to
+//          shared memory)
+//   left:  (m_B from right) P_A * exp2(m_A - m_B) -> shared memory;
+//          O_L = O_L * exp2(m_A - m_B) + P_B V_B[:, left]
+//   right: O_R += P_A' V_A[:, right]
+// which is online softmax over A then B. The left consumer's softmax of A runs while the right
+// one computes S_B, and the right one's softmax of B while the left one multiplies P_A V_A: the
+// tensor pipe rarely idles. Each block is scored once, with N = 64 tokens per wgmma. The P tiles
+// handed over (64 x 64, 16-bit) go into the block's RoPE box (dims 512-575), which nothing
+// reads after Q K^T. A pair without a B block (odd counts) runs the same steps with B empty.
 //
-// Rows are (token, head) pairs as in the portable kernel; whole requests write the final
-// output, pieces of split requests write fp32 partials for the combine kernel.
+// Rows are (token, head) pairs as in the portable kernel; whole requests write the final output,
+// pieces of split requests write fp32 partials for the combine kernel.
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out).
 #include "sm90.cuh"
@@ -25,25 +37,36 @@ namespace {
 
 constexpr int D_QK = 576;
 constexpr int D_V = 512;
-constexpr int BLOCK = 64;                         // query rows per CTA, tokens per key block
-constexpr int BOXES = D_QK / 64;                  // TMA boxes per key block (64 dims each)
-constexpr int BOX_BYTES = BLOCK * 128;            // 64 rows of 64 16-bit values
-constexpr int TILE_BYTES = BOXES * BOX_BYTES;     // one Q tile or one key block: 73728
-constexpr int STAGES = 2;
-constexpr int CONSUMERS = 256;                    // two consumer warpgroups
+constexpr int BLOCK = 64;                      // query rows per CTA, tokens per key block
+constexpr int BOXES = D_QK / 64;               // TMA boxes per key block (64 dims each)
+constexpr int BOX_BYTES = BLOCK * 128;         // 64 rows of 64 16-bit values
+constexpr int TILE_BYTES = BOXES * BOX_BYTES;  // one Q tile or one key block: 73728
+constexpr int LEFT_BOXES = 4;                  // boxes [0, 4): V columns 0-255; [4, 9) the rest
+constexpr int P_BOX = BOXES - 1;               // RoPE box: the handed-over P tile after Q K^T
+constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
-constexpr u32 CONSUMER_BARRIER = 1;               // named barrier of the two consumer warpgroups
+
+// Named barriers of the two consumers (0 is __syncthreads).
+constexpr u32 BAR_BOTH = 1;  // both consumers (request start)
+constexpr u32 BAR_MAX_A = 2;  // left -> right: m_A published
+constexpr u32 BAR_P_B = 3;    // right -> left: m_B and P_B published
+constexpr u32 BAR_P_A = 4;    // left -> right: P_A' published
 
 // Shared memory, from a 1024-byte aligned base (swizzle atoms must be aligned).
 constexpr int SMEM_Q = 0;
-constexpr int SMEM_K = SMEM_Q + TILE_BYTES;                 // [STAGES] key blocks
-constexpr int SMEM_P = SMEM_K + STAGES * TILE_BYTES;        // P: 64 rows x 64 tokens, swizzled
-constexpr int SMEM_MAX = SMEM_P + BOX_BYTES;                // [2 parity][2 consumer][64] row maxima
-constexpr int SMEM_SUM = SMEM_MAX + 2 * 2 * BLOCK * 4;      // [2 consumer][64] row sums
-constexpr int SMEM_BARS = SMEM_SUM + 2 * BLOCK * 4;         // full[STAGES], empty[STAGES]
-constexpr int SMEM_END = SMEM_BARS + 2 * STAGES * 8;
-constexpr int SMEM_BYTES = SMEM_END + 1024;                 // + alignment slack
+constexpr int SMEM_K = SMEM_Q + TILE_BYTES;         // stage 0 (block A), stage 1 (block B)
+constexpr int SMEM_MAX = SMEM_K + 2 * TILE_BYTES;   // m_A[64], m_B[64]
+constexpr int SMEM_SUM = SMEM_MAX + 2 * BLOCK * 4;  // row sums [2 consumers][64]
+constexpr int SMEM_BARS = SMEM_SUM + 2 * BLOCK * 4;  // full[stage][half], empty[stage][half]
+constexpr int SMEM_END = SMEM_BARS + 8 * 8;
+constexpr int SMEM_BYTES = SMEM_END + 1024;  // + alignment slack
 static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's 227 KB per block");
+
+// Readers of each half (one arrive per warp of each reading consumer): A's left half only the
+// left consumer (S_A, P_A V_A); A's right half and both of B's, both consumers.
+DEV u32 empty_count(int stage, int half) { return stage == 0 && half == 0 ? 4 : 8; }
+
+DEV u32 half_boxes(int half) { return half == 0 ? LEFT_BOXES : BOXES - LEFT_BOXES; }
 
 }  // namespace
 
@@ -84,205 +107,256 @@ struct Part {
   }
 };
 
-DEV void producer(const DecodeParams& p, const Part& part, u32 k_smem, u32 full, u32 empty) {
+
+// `x`, opaque to the compiler at this point: per-thread addresses derived from it are computed
+// where they are used instead of being hoisted out of the pair loop (dozens of invariant
+// addresses would not fit next to the 128 accumulators and spill).
+DEV int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+// Barrier addresses: full / empty mbarrier of (stage, half).
+struct Barriers {
+  u32 base;
+  DEV u32 full(int stage, int half) const { return base + 8 * (2 * stage + half); }
+  DEV u32 empty(int stage, int half) const { return base + 32 + 8 * (2 * stage + half); }
+};
+
+// Walk the pairs (first block, whether a second one follows) of request `req` in this part.
+template <typename F>
+DEV void for_each_pair(const DecodeParams& p, const Part& part, int req, F&& f) {
+  for (int a = part.lo(req), hi = part.hi(p, req); a < hi; a += 2) f(a, a + 1 < hi);
+}
+
+DEV void producer(const DecodeParams& p, const Part& part, u32 k_smem, const Barriers& bars) {
   prefetch_tensor_map(&p.kv);
   const u64 policy = policy_evict_first();
   const int blocks_per_page = p.page / BLOCK;
-  int it = 0;
-  for (int req = part.begin_req; req <= part.end_req; ++req) {
-    const int* table = p.block_table + req * p.table_b;
-    for (int blk = part.lo(req), hi = part.hi(p, req); blk < hi; ++blk, ++it) {
-      const int s = it % STAGES;
-      const int page = table[blk / blocks_per_page];
-      const int token = (blk % blocks_per_page) * BLOCK;
-      mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
-      mbar_arrive_expect(full + 8 * s, TILE_BYTES);
-#pragma unroll
-      for (int box = 0; box < BOXES; ++box)
-        tma_load_4d(k_smem + s * TILE_BYTES + box * BOX_BYTES, &p.kv, box * 64, blockIdx.y,
-                    token, page, full + 8 * s, policy);
+  int uses[2] = {0, 0};  // fills of stage 0 and 1 so far
+  auto load = [&](int req, int blk, int stage) {
+    const int page = p.block_table[req * p.table_b + blk / blocks_per_page];
+    const int token = (blk % blocks_per_page) * BLOCK;
+    for (int half = 0; half < 2; ++half) {
+      mbar_wait(bars.empty(stage, half), (uses[stage] & 1) ^ 1);
+      mbar_arrive_expect(bars.full(stage, half), half_boxes(half) * BOX_BYTES);
+      const int first = half == 0 ? 0 : LEFT_BOXES;
+      for (int box = first; box < first + (int)half_boxes(half); ++box)
+        tma_load_4d(k_smem + stage * TILE_BYTES + box * BOX_BYTES, &p.kv, box * 64, blockIdx.y,
+                    token, page, bars.full(stage, half), policy);
     }
+    ++uses[stage];
+  };
+  for (int req = part.begin_req; req <= part.end_req; ++req)
+    for_each_pair(p, part, req, [&](int a, bool has_b) {
+      load(req, a, 0);
+      if (has_b) load(req, a + 1, 1);
+    });
+}
+
+// The accumulator fragments of P as wgmma A operands (k-slice k: columns 16k .. 16k + 15).
+DEV void to_frags(const float (&s)[32], u32 (&frag)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    frag[k][0] = pack2(s[8 * k], s[8 * k + 1]);
+    frag[k][1] = pack2(s[8 * k + 2], s[8 * k + 3]);
+    frag[k][2] = pack2(s[8 * k + 4], s[8 * k + 5]);
+    frag[k][3] = pack2(s[8 * k + 6], s[8 * k + 7]);
   }
 }
 
-DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic_base,
-                  u32 full, u32 empty) {
-  const int tid = threadIdx.x - 128;  // 0..255 over both consumers
-  // The consumer index through a shuffle: provably warp-uniform, so the operand descriptors
-  // derived from it stay in uniform registers (no per-wgmma moves).
-  const int c = __shfl_sync(0xffffffffu, tid / 128, 0), lane = tid % 32, warp = (tid % 128) / 32;
-  const int t4 = lane % 4;
-  const u32 q_smem = base + SMEM_Q, k_smem = base + SMEM_K, p_smem = base + SMEM_P;
-  float* const red_max = reinterpret_cast<float*>(generic_base + SMEM_MAX);
-  float* const red_sum = reinterpret_cast<float*>(generic_base + SMEM_SUM);
+// What a consumer thread needs: its rows, shared-memory addresses, the row statistics.
+struct Consumer {
+  const DecodeParams& p;
+  u32 q_smem, k_smem;
+  u8* smem;  // generic address of the aligned base
+  Barriers bars;
+  int tid, lane, warp, t4;
+  int row_local[2], row_t[2];
+  int uses[2];  // fills of stage 0 and 1 consumed so far
 
-  // This thread's two rows (accumulator layout: warp w holds rows 16w..16w+15; lane / 4 and
-  // lane / 4 + 8) and their (token, head).
-  int row_local[2], row_t[2], row_h[2];
-  bool row_ok[2];
-  for (int i = 0; i < 2; ++i) {
-    row_local[i] = 16 * warp + lane / 4 + 8 * i;
-    const int r = blockIdx.x * BLOCK + row_local[i];
-    row_ok[i] = r < p.rows;
-    row_t[i] = r / p.group;
-    row_h[i] = blockIdx.y * p.group + r % p.group;
+  // S = Q K^T for the block in `stage`, both halves as they land (N = 64: all tokens).
+  DEV void scores(float (&s)[32], int stage) const {
+    const u64 q_desc = smem_desc(q_smem, 16, 1024);
+    const u64 k_desc = smem_desc(k_smem + stage * TILE_BYTES, 16, 1024);
+    const u32 parity = uses[stage] & 1;
+    mbar_wait(bars.full(stage, 0), parity);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < D_QK / 16; ++k) {
+      if (k == LEFT_BOXES * 4) mbar_wait(bars.full(stage, 1), parity);
+      const u32 off = ((k / 4) * BOX_BYTES + (k % 4) * 32) >> 4;
+      wgmma_m64n64k16(s, q_desc + off, k_desc + off, k > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
   }
 
+  // Scale and mask block `blk` of a request (length, invalid page, causal); returns the
+  // quad-reduced row maxima of the masked scores.
+  DEV void mask(float (&s)[32], float (&mx)[2], int req_length, int blk, const int* table) const {
+    const int page = table[blk / (p.page / BLOCK)];
+    const int n_valid = min(BLOCK, req_length - blk * BLOCK);
+    for (int i = 0; i < 2; ++i) {
+      int limit = page >= 0 && page < p.num_pages ? n_valid : 0;
+      if (p.causal) limit = min(limit, req_length - p.s_q + row_t[i] - blk * BLOCK + 1);
+      limit -= 2 * t4;
+      mx[i] = -F_INF;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& v = s[4 * j + 2 * i + e];
+          v = 8 * j + e < limit ? v * p.scale_log2 : -F_INF;
+          mx[i] = fmaxf(mx[i], v);
+        }
+      mx[i] = warp_max4(mx[i]);
+    }
+  }
+
+  // s <- exp2(s - m) per row; returns the thread's partial row sums.
+  DEV void exponentiate(float (&s)[32], const float (&m)[2], float (&sum)[2]) const {
+    for (int i = 0; i < 2; ++i) {
+      const float m_safe = m[i] == -F_INF ? 0.f : m[i];
+      sum[i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& v = s[4 * j + 2 * i + e];
+          v = exp2f(v - m_safe);
+          sum[i] += v;
+        }
+    }
+  }
+
+  // P (as A fragments, x factor per row) -> the RoPE box of `stage`, 128-byte swizzled: the
+  // K-major A operand of the other consumer. Only reads `frag` (a wgmma may be reading it).
+  DEV void store_p(const u32 (&frag)[4][4], const float (&f)[2], int stage) const {
+    u8* box = smem + SMEM_K + stage * TILE_BYTES + P_BOX * BOX_BYTES + 4 * opaque(t4);
+    const int g = opaque(row_local[0]) % 8;  // both rows: = lane / 4 (mod 8)
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // q: (row half i = q % 2, column chunk j = 2k + q / 2)
+        const int i = q % 2, j = 2 * k + q / 2, r = row_local[0] + 8 * i;
+        u32 v = frag[k][q];
+        if (f[i] != 1.f) v = pack2(to_float((u16)(v & 0xffff)) * f[i], to_float((u16)(v >> 16)) * f[i]);
+        *reinterpret_cast<u32*>(box + r * 128 + ((j ^ g) << 4)) = v;
+      }
+  }
+
+  // Tokens past the length hold whatever their page has (NaN in the tests): zero their V rows
+  // in `stage` (0 * NaN would poison P V); the block's owner does it after its Q K^T.
+  DEV void zero_tail(int stage, int req_length, int blk) const {
+    const int n_valid = min(BLOCK, req_length - blk * BLOCK);
+    if (n_valid >= BLOCK) return;
+    u8* tile = smem + SMEM_K + stage * TILE_BYTES;
+    for (int i = opaque(tid) % 128; i < (BLOCK - n_valid) * P_BOX * 8; i += 128) {
+      const int row = n_valid + i / (P_BOX * 8), box = (i / 8) % P_BOX, chunk = i % 8;
+      *reinterpret_cast<uint4*>(tile + box * BOX_BYTES + row * 128 + chunk * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // O += P V over this consumer's 256 columns of `stage` (V boxes from `first_box`); P from
+  // registers (`frag`) or from the RoPE box of `p_stage`.
+  DEV void pv_regs(float (&o)[128], const u32 (&frag)[4][4], int stage, int first_box) const {
+    const u64 v_desc = smem_desc(k_smem + stage * TILE_BYTES + first_box * BOX_BYTES, BOX_BYTES, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < BLOCK / 16; ++k) wgmma_m64n256k16_rs(o, frag[k], v_desc + k * 128, 1);
+    wgmma_commit();
+  }
+  DEV void pv_smem(float (&o)[128], int p_stage, int stage, int first_box) const {
+    const u64 p_desc = smem_desc(k_smem + p_stage * TILE_BYTES + P_BOX * BOX_BYTES, 16, 1024);
+    const u64 v_desc = smem_desc(k_smem + stage * TILE_BYTES + first_box * BOX_BYTES, BOX_BYTES, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < BLOCK / 16; ++k) wgmma_m64n256k16(o, p_desc + k * 2, v_desc + k * 128, 1);
+    wgmma_commit();
+  }
+
+  DEV void release(int stage, int half) const {
+    if (lane == 0) mbar_arrive(bars.empty(stage, half));
+  }
+};
+
+// O rows scaled by f (skipped when no factor in the warp differs from 1: the common case).
+DEV void scale_rows(float (&o)[128], const float (&f)[2]) {
+  if (__all_sync(0xffffffffu, f[0] == 1.f && f[1] == 1.f)) return;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    o[4 * j] *= f[0], o[4 * j + 1] *= f[0];
+    o[4 * j + 2] *= f[1], o[4 * j + 3] *= f[1];
+  }
+}
+
+// exp2(a - b) for a <= b, 0 when a = -inf (nothing was seen yet: what it scales is 0).
+DEV float rescale(float a, float b) { return a == -F_INF ? 0.f : exp2f(a - b); }
+
+DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
+                  const Barriers& bars) {
+  const int tid = threadIdx.x - 128;  // 0..255 over both consumers
+  // The consumer index through a shuffle: provably warp-uniform, so the operand descriptors
+  // derived from it stay in uniform registers.
+  const int c = __shfl_sync(0xffffffffu, tid / 128, 0);
+  Consumer self{p, base + SMEM_Q, base + SMEM_K, smem, bars, tid, tid % 32, (tid % 128) / 32,
+                tid % 4, {0, 0}, {0, 0}, {0, 0}};
+  int row_h[2];
+  bool row_ok[2];
+  for (int i = 0; i < 2; ++i) {
+    self.row_local[i] = 16 * self.warp + self.lane / 4 + 8 * i;
+    const int r = blockIdx.x * BLOCK + self.row_local[i];
+    row_ok[i] = r < p.rows;
+    self.row_t[i] = r / p.group;
+    row_h[i] = blockIdx.y * p.group + r % p.group;
+  }
+  float* const max_a = reinterpret_cast<float*>(smem + SMEM_MAX);
+  float* const max_b = max_a + BLOCK;
+  float* const sums = reinterpret_cast<float*>(smem + SMEM_SUM);
+
   float o[128];  // O[:, 256c + 8j + 2 t4 + {0,1}] at o[4j + {0,1}] (row 0), o[4j + {2,3}] (row 1)
-  int it = 0;
-  for (int req = part.begin_req; req <= part.end_req; ++req) {
-    named_barrier(CONSUMER_BARRIER, CONSUMERS);  // the previous request's Q readers are done
-    for (int i = tid; i < BLOCK * BOXES * 8; i += CONSUMERS) {  // Q -> shared, swizzled
+  float m[2], l[2];
+  auto start_request = [&](int req) {  // Q -> shared memory, statistics reset
+    named_barrier(BAR_BOTH, CONSUMERS);  // the previous request's Q readers are done
+    for (int i = opaque(tid); i < BLOCK * BOXES * 8; i += CONSUMERS) {
       const int r = i / (BOXES * 8), chunk = i % (BOXES * 8);
       const int row = blockIdx.x * BLOCK + r;
       const bool ok = row < p.rows;
       const int t = row / p.group, h = blockIdx.y * p.group + row % p.group;
       const u16* src = ok ? p.q + req * p.q_b + t * p.q_t + h * p.q_h + chunk * 8 : p.q;
-      cp_async16(q_smem + (chunk / 8) * BOX_BYTES + r * 128 + (((chunk % 8) ^ (r % 8)) << 4), src,
-                 ok);
+      cp_async16(self.q_smem + (chunk / 8) * BOX_BYTES + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
+                 src, ok);
     }
     cp_async_commit();
     cp_async_wait<0>();
     fence_async_smem();
-    named_barrier(CONSUMER_BARRIER, CONSUMERS);
-
+    named_barrier(BAR_BOTH, CONSUMERS);
 #pragma unroll
     for (int j = 0; j < 128; ++j) o[j] = 0.f;
-    float m_i[2] = {-F_INF, -F_INF}, l_i[2] = {0.f, 0.f};
-    const int length = part.length(p, req);
-    const int causal_base = length - p.s_q;
-    const int* table = p.block_table + req * p.table_b;
-    const int blocks_per_page = p.page / BLOCK;
-
-    for (int blk = part.lo(req), hi = part.hi(p, req); blk < hi; ++blk, ++it) {
-      const int s = it % STAGES;
-      const int page = table[blk / blocks_per_page];
-      const bool page_ok = page >= 0 && page < p.num_pages;
-      const int n_valid = min(BLOCK, length - blk * BLOCK);
-      const u32 k_tile = k_smem + s * TILE_BYTES;
-      mbar_wait(full + 8 * s, (it / STAGES) & 1);
-
-      // S_c = Q K^T over the tokens [32c, 32c + 32) of the block.
-      // Descriptors are linear in the address: one per operand, plus constants per k-step.
-      float sc[16];
-      const u64 q_desc = smem_desc(q_smem, 16, 1024);
-      const u64 k_desc = smem_desc(k_tile + c * 32 * 128, 16, 1024);
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < D_QK / 16; ++k) {
-        const u32 off = ((k / 4) * BOX_BYTES + (k % 4) * 32) >> 4;
-        wgmma_m64n32k16(sc, q_desc + off, k_desc + off, k > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(sc);
-
-      // Scale, mask (length, invalid page, causal), row maxima of both halves.
-      // Row i sees the tokens n < limit[i] of the block (this thread's columns: n = 32c + 8j +
-      // 2 t4 + {0, 1}).
-      float mx[2] = {-F_INF, -F_INF};
-      int limit[2];
-      for (int i = 0; i < 2; ++i) {
-        limit[i] = page_ok ? n_valid : 0;
-        if (p.causal) limit[i] = min(limit[i], causal_base + row_t[i] - blk * BLOCK + 1);
-        limit[i] -= 32 * c + 2 * t4;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e / 2;
-          const float v = 8 * j + (e & 1) < limit[i] ? sc[4 * j + e] * p.scale_log2 : -F_INF;
-          sc[4 * j + e] = v;
-          mx[i] = fmaxf(mx[i], v);
-        }
-      float* mine = red_max + (it & 1) * 2 * BLOCK;
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = warp_max4(mx[i]);
-        if (t4 == 0) mine[c * BLOCK + row_local[i]] = mx[i];
-      }
-      named_barrier(CONSUMER_BARRIER, CONSUMERS);
-      float alpha[2], m_safe[2];
-      for (int i = 0; i < 2; ++i) {
-        const float m_new = fmaxf(m_i[i], fmaxf(mx[i], mine[(1 - c) * BLOCK + row_local[i]]));
-        m_safe[i] = m_new == -F_INF ? 0.f : m_new;
-        alpha[i] = exp2f(m_i[i] - m_safe[i]);
-        m_i[i] = m_new;
-        l_i[i] *= alpha[i];
-      }
-      if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j] *= alpha[0], o[4 * j + 1] *= alpha[0];
-          o[4 * j + 2] *= alpha[1], o[4 * j + 3] *= alpha[1];
-        }
-      }
-
-      // Tokens past the length hold whatever the page has there (possibly NaN): zero this
-      // consumer's V columns of them (0 * NaN would poison P V). Both Q K^T are done reading.
-      if (n_valid < BLOCK) {
-        u8* tile = generic_base + SMEM_K + s * TILE_BYTES;
-        for (int i = tid % 128; i < (BLOCK - n_valid) * 4 * 8; i += 128) {
-          const int row = n_valid + i / 32, box = 4 * c + (i / 8) % 4, chunk = i % 8;
-          *reinterpret_cast<uint4*>(tile + box * BOX_BYTES + row * 128 + chunk * 16) =
-              make_uint4(0, 0, 0, 0);
-        }
-      }
-
-      // P = exp2(S - m) -> the shared 64x64 tile (swizzled like a TMA box: the A operand).
-      u8* p_tile = generic_base + SMEM_P;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int n = 32 * c + 8 * j + 2 * t4;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const float p0 = exp2f(sc[4 * j + 2 * i] - m_safe[i]);
-          const float p1 = exp2f(sc[4 * j + 2 * i + 1] - m_safe[i]);
-          l_i[i] += p0 + p1;
-          const int r = row_local[i];
-          *reinterpret_cast<u32*>(p_tile + r * 128 + (((n / 8) ^ (r % 8)) << 4) + (n % 8) * 2) =
-              pack2(p0, p1);
-        }
-      }
-      fence_async_smem();
-      named_barrier(CONSUMER_BARRIER, CONSUMERS);
-
-      // O_c += P V_c: V_c = dims [256c, 256c + 256) of the block, read transposed (MN-major:
-      // 64-dim column blocks one box apart, 8-token groups 1024 bytes apart).
-      const u64 p_desc = smem_desc(p_smem, 16, 1024);
-      const u64 v_desc = smem_desc(k_tile + 4 * c * BOX_BYTES, BOX_BYTES, 1024);
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < BLOCK / 16; ++k)
-        wgmma_m64n256k16(o, p_desc + ((k * 32) >> 4), v_desc + ((k * 16 * 128) >> 4), 1);
-      wgmma_commit();
-      // Release the stage as soon as P V is done: with two stages, the load of block it + 2
-      // then overlaps all of block it + 1 (holding it through the next Q K^T would leave the
-      // copy engine idle for that long).
-      wgmma_wait<0>();
-      fence_regs(o);
-      if (lane == 0) mbar_arrive(empty + 8 * s);
-    }
-
-    // Row sums of both halves (the same order in both consumers), then the epilogue.
+    m[0] = m[1] = -F_INF;
+    l[0] = l[1] = 0.f;
+  };
+  auto finish_request = [&](int req) {
     for (int i = 0; i < 2; ++i) {
-      l_i[i] = warp_sum4(l_i[i]);
-      if (t4 == 0) red_sum[c * BLOCK + row_local[i]] = l_i[i];
+      l[i] = warp_sum4(l[i]);
+      if (self.t4 == 0) sums[c * BLOCK + self.row_local[i]] = l[i];
     }
-    named_barrier(CONSUMER_BARRIER, CONSUMERS);
-    for (int i = 0; i < 2; ++i) l_i[i] = red_sum[row_local[i]] + red_sum[BLOCK + row_local[i]];
-
+    named_barrier(BAR_BOTH, CONSUMERS);
+    for (int i = 0; i < 2; ++i) l[i] = sums[self.row_local[i]] + sums[BLOCK + self.row_local[i]];
     const bool piece = (req == part.begin_req && part.first_split) ||
                        (req == part.end_req && part.last_split);
     const int slot = piece ? p.num_splits[req] + (req == part.begin_req ? part.begin_split : 0) : 0;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (!row_ok[i]) continue;
-      const bool empty_row = l_i[i] == 0.f;
-      const float lse2 = m_i[i] + __log2f(empty_row ? 1.f : l_i[i]);
-      const float f = empty_row ? 0.f : 1.f / l_i[i];
-      const int t = row_t[i], h = row_h[i];
-      if (c == 0 && t4 == 0) {
+      const bool empty_row = l[i] == 0.f;
+      const float lse2 = m[i] + __log2f(empty_row ? 1.f : l[i]);
+      const float f = empty_row ? 0.f : 1.f / l[i];
+      const int t = self.row_t[i], h = row_h[i];
+      if (c == 0 && self.t4 == 0) {
         if (piece) {
           p.lse_acc[((i64)slot * p.s_q + t) * p.h_q + h] = empty_row ? -F_INF : lse2;
         } else {
@@ -290,18 +364,114 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* generic
         }
       }
       if (piece) {
-        float* dst = p.o_acc + (((i64)slot * p.s_q + t) * p.h_q + h) * D_V + 256 * c + 2 * t4;
+        float* dst = p.o_acc + (((i64)slot * p.s_q + t) * p.h_q + h) * D_V + 256 * c + 2 * self.t4;
 #pragma unroll
         for (int j = 0; j < 32; ++j)
           *reinterpret_cast<float2*>(dst + 8 * j) =
               make_float2(o[4 * j + 2 * i] * f, o[4 * j + 2 * i + 1] * f);
       } else {
-        u16* dst = p.out + req * p.o_b + t * p.o_t + h * p.o_h + 256 * c + 2 * t4;
+        u16* dst = p.out + req * p.o_b + t * p.o_t + h * p.o_h + 256 * c + 2 * self.t4;
 #pragma unroll
         for (int j = 0; j < 32; ++j)
           *reinterpret_cast<u32*>(dst + 8 * j) = pack2(o[4 * j + 2 * i] * f, o[4 * j + 2 * i + 1] * f);
       }
     }
+  };
+
+  for (int req = part.begin_req; req <= part.end_req; ++req) {
+  start_request(req);
+  for_each_pair(p, part, req, [&](int a, bool has_b) {
+    const int length = part.length(p, req);
+    const int* table = p.block_table + req * p.table_b;
+    float s[32], mx[2], sum[2];
+    u32 frag[4][4];
+    if (c == 0) {  // left: block A
+      self.scores(s, 0);
+      self.mask(s, mx, length, a, table);
+      float m_a[2], alpha[2];
+      for (int i = 0; i < 2; ++i) {
+        m_a[i] = fmaxf(m[i], mx[i]);
+        alpha[i] = rescale(m[i], m_a[i]);
+        if (self.t4 == 0) max_a[self.row_local[i]] = m_a[i];
+      }
+      named_barrier_arrive(BAR_MAX_A, CONSUMERS);
+      self.zero_tail(0, length, a);
+      fence_async_smem();
+      self.exponentiate(s, m_a, sum);
+      scale_rows(o, alpha);
+      to_frags(s, frag);
+      self.pv_regs(o, frag, 0, 0);  // O_L += P_A V_A[:, left]
+      named_barrier(BAR_P_B, CONSUMERS);
+      float beta[2];
+      for (int i = 0; i < 2; ++i) {
+        const float m_b = max_b[self.row_local[i]];
+        beta[i] = rescale(m_a[i], m_b);
+        l[i] = (l[i] * alpha[i] + sum[i]) * beta[i];
+        m[i] = m_b;
+      }
+      self.store_p(frag, beta, 0);  // P_A' = P_A exp2(m_A - m_B) for the right consumer
+      fence_async_smem();
+      named_barrier_arrive(BAR_P_A, CONSUMERS);
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(frag);
+      self.release(0, 0);
+      self.release(0, 1);
+      scale_rows(o, beta);
+      if (has_b) {
+        self.pv_smem(o, 1, 1, 0);  // O_L += P_B V_B[:, left]
+        wgmma_wait<0>();
+        fence_regs(o);
+        self.release(1, 0);
+        self.release(1, 1);
+      }
+    } else {  // right: block B
+      if (has_b) {
+        self.scores(s, 1);
+        self.release(1, 0);  // its left half is the left consumer's now
+      }
+      named_barrier(BAR_MAX_A, CONSUMERS);
+      float m_a[2], m_b[2], alpha[2];
+      for (int i = 0; i < 2; ++i) m_a[i] = max_a[self.row_local[i]];
+      if (has_b) {
+        self.mask(s, mx, length, a + 1, table);
+      } else {
+        mx[0] = mx[1] = -F_INF;
+      }
+      for (int i = 0; i < 2; ++i) {
+        m_b[i] = fmaxf(m_a[i], mx[i]);
+        alpha[i] = rescale(m[i], m_b[i]);  // = exp2(m - m_A) exp2(m_A - m_B)
+        if (self.t4 == 0) max_b[self.row_local[i]] = m_b[i];
+      }
+      if (has_b) {
+        self.exponentiate(s, m_b, sum);
+        self.zero_tail(1, length, a + 1);
+        to_frags(s, frag);
+        const float one[2] = {1.f, 1.f};
+        self.store_p(frag, one, 1);
+        fence_async_smem();
+      } else {
+        sum[0] = sum[1] = 0.f;
+      }
+      named_barrier_arrive(BAR_P_B, CONSUMERS);
+      scale_rows(o, alpha);
+      for (int i = 0; i < 2; ++i) {
+        l[i] = l[i] * alpha[i] + sum[i];
+        m[i] = m_b[i];
+      }
+      if (has_b) self.pv_regs(o, frag, 1, LEFT_BOXES);  // O_R += P_B V_B[:, right]
+      named_barrier(BAR_P_A, CONSUMERS);
+      self.pv_smem(o, 0, 0, LEFT_BOXES);  // O_R += P_A' V_A[:, right]
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(frag);
+      self.release(0, 1);
+      if (has_b) self.release(1, 1);
+    }
+    ++self.uses[0];
+    if (has_b) ++self.uses[1];
+  });
+  finish_request(req);  // (requests with no blocks too: their rows are empty)
   }
 }
 
@@ -314,21 +484,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
     if (given < base - smem_u32(smem) + SMEM_END) __trap();
   }
-  const u32 full = base + SMEM_BARS, empty = full + 8 * STAGES;
+  const Barriers bars{base + SMEM_BARS};
   if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full + 8 * s, 1);      // the producer's arrive (plus the bytes it expects)
-      mbar_init(empty + 8 * s, 8);     // one arrive per consumer warp
-    }
+    for (int stage = 0; stage < 2; ++stage)
+      for (int half = 0; half < 2; ++half) {
+        mbar_init(bars.full(stage, half), 1);  // the producer's arrive (plus its bytes)
+        mbar_init(bars.empty(stage, half), empty_count(stage, half));
+      }
     fence_barrier_init();
   }
   __syncthreads();
-  const Part part = Part::of(p, blockIdx.z);
   if (threadIdx.x < 128) {
     regs_lower<24>();
-    if (threadIdx.x == 0) producer(p, part, base + SMEM_K, full, empty);
+    if (threadIdx.x == 0) producer(p, Part::of(p, blockIdx.z), base + SMEM_K, bars);
   } else {
-    regs_raise<240>();
-    consumer(p, part, base, smem + (base - smem_u32(smem)), full, empty);
+    regs_raise<240>();  // (the schedule is read after: nothing lives across the reallocation)
+    consumer(p, Part::of(p, blockIdx.z), base, smem + (base - smem_u32(smem)), bars);
   }
 }
