@@ -1,0 +1,40 @@
+"""A/B two or more sources of the SM90 decode kernel in one process (same GPU, same clocks: the
+only fair way to compare variants a few percent apart). Copy a variant next to the kernel under
+``kernels/`` first:
+
+    python benchmarks/sm90_ab.py mla_decode_sm90.cu,variant.cu D1,D2,D5
+
+Times are eager ``do_bench`` medians of the API call, metadata included, so short shapes read
+higher than in ``flashmla bench``; compare rows with each other, not with that table."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton.testing
+from flashmla_cuda import compiler, decode_sm90
+
+import flashmla
+from flashmla.bench import runner
+from flashmla.bench.shapes import SHAPES
+
+
+def main() -> None:
+    sources, shape_ids = sys.argv[1].split(","), sys.argv[2].split(",")
+    for repeat in range(2):
+        for source in sources:
+            decode_sm90.build_for = lambda fp16, source=source: compiler.Build.of(
+                source, DTYPE_FP16=fp16
+            )
+            for shape_id in shape_ids:
+                shape = next(s for s in SHAPES if s.id == shape_id)
+                call = runner._call(shape, shape.inputs(torch.device("cuda")))
+                with flashmla.use_backend("cuda-sm90"):
+                    call()
+                    ms = triton.testing.do_bench(call, warmup=30, rep=200, return_mode="median")
+                print(f"{repeat} {source} {shape_id}: {ms * 1000:.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
