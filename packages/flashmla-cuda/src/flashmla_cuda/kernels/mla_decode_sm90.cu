@@ -394,7 +394,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
         alpha[i] = rescale(m[i], m_a[i]);
         if (self.t4 == 0) max_a[self.row_local[i]] = m_a[i];
       }
-      named_barrier_arrive(BAR_MAX_A, CONSUMERS);
+      named_barrier(BAR_MAX_A, CONSUMERS);
       self.zero_tail(0, length, a);
       fence_async_smem();
       self.exponentiate(s, m_a, sum);
@@ -411,7 +411,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       }
       self.store_p(frag, beta, 0);  // P_A' = P_A exp2(m_A - m_B) for the right consumer
       fence_async_smem();
-      named_barrier_arrive(BAR_P_A, CONSUMERS);
+      named_barrier(BAR_P_A, CONSUMERS);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(frag);
@@ -453,7 +453,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       } else {
         sum[0] = sum[1] = 0.f;
       }
-      named_barrier_arrive(BAR_P_B, CONSUMERS);
+      named_barrier(BAR_P_B, CONSUMERS);
       scale_rows(o, alpha);
       for (int i = 0; i < 2; ++i) {
         l[i] = l[i] * alpha[i] + sum[i];
