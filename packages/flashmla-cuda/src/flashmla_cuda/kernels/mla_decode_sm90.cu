@@ -21,11 +21,12 @@
 //   left:  (m_B from right) P_A * exp2(m_A - m_B) -> shared memory;
 //          O_L = O_L * exp2(m_A - m_B) + P_B V_B[:, left]
 //   right: O_R += P_A' V_A[:, right]
-// which is online softmax over A then B. The left consumer's softmax of A runs while the right
-// one computes S_B, and the right one's softmax of B while the left one multiplies P_A V_A: the
-// tensor pipe rarely idles. Each block is scored once, with N = 64 tokens per wgmma. The P tiles
-// handed over (64 x 64, 16-bit) go into the block's RoPE box (dims 512-575), which nothing
-// reads after Q K^T. A pair without a B block (odd counts) runs the same steps with B empty.
+// which is online softmax over A then B. The right consumer's softmax of B runs while the left
+// one multiplies P_A V_A (and vice versa for the hand-back), so most softmax work hides under
+// tensor work. Each block is scored once, with N = 64 tokens per wgmma. The P tiles handed over
+// (64 x 64, 16-bit) go into the block's RoPE box (dims 512-575), which nothing reads after
+// Q K^T. Hand-offs are named barriers both consumers sync on. A pair without a B block (odd
+// counts) runs the same steps with B empty. Measured costs: NOTES-sm90.md.
 //
 // Rows are (token, head) pairs as in the portable kernel; whole requests write the final output,
 // pieces of split requests write fp32 partials for the combine kernel.
