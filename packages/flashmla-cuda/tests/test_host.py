@@ -142,3 +142,52 @@ def test_tensor_map_rules(address, dims, strides, ok):
     from flashmla_cuda import tma
 
     assert (tma.check_tiled(address, dims, strides, 2) is None) == ok
+
+
+@pytest.mark.parametrize("h_kv,contiguous", [(1, True), (2, True), (1, False)])
+def test_kv_tensor_map_describes_the_cache(monkeypatch, h_kv, contiguous):
+    """The cache [pages, page, h_kv, 576] is mapped as (dim, head, token, page) with its byte
+    strides (a strided view keeps its strides), boxes of 64 dims x 1 head x 64 tokens x 1 page."""
+    import torch
+    from flashmla_cuda import tma
+
+    seen = {}
+    monkeypatch.setattr(tma, "encode_tiled", lambda *args: seen.setdefault("args", args) and b"")
+    base = torch.zeros(10, 128, h_kv, 576 + (0 if contiguous else 64), dtype=torch.bfloat16)
+    cache = base[..., :576]
+    decode_sm90.kv_tensor_map(cache)
+    address, dims, strides, box = seen["args"]
+    assert address == cache.data_ptr()
+    assert dims == (576, h_kv, 128, 10) and box == (64, 1, 64, 1)
+    assert strides == tuple(2 * s for s in (cache.stride(2), cache.stride(1), cache.stride(0)))
+
+
+def test_kv_tensor_map_refuses_a_strided_last_dim():
+    import torch
+    from flashmla_cuda import tma
+
+    cache = torch.zeros(4, 64, 1, 1152, dtype=torch.bfloat16)[..., ::2]
+    with pytest.raises(tma.TensorMapError, match="contiguous"):
+        decode_sm90.kv_tensor_map(cache)
+
+
+@pytest.mark.parametrize(
+    "page,fmt,d_qk,ok",
+    [(64, "bf16", 576, True), (256, "fp16", 576, True), (32, "bf16", 576, False),
+     (96, "bf16", 576, False), (64, "fp8_v32", 576, False), (64, "bf16", 512, False)],
+)  # fmt: skip
+def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
+    """Cases the SM90 kernel does not handle get reasons (and fall through to the next
+    backend) instead of reaching it."""
+    import torch
+    from flashmla.formats import CacheFormat
+    from flashmla.problems import Facts
+    from flashmla_cuda import sm90_spec
+
+    decode = sm90_spec().ops["dense_decode"]
+    facts = Facts(
+        "dense_decode", torch.device("cpu"), torch.bfloat16, CacheFormat(fmt), (d_qk, 512),
+        128, 1, 1, page, None, frozenset(),
+    )  # fmt: skip
+    reasons = [r for r in decode.reasons(facts) if "runs on" not in r]  # (no GPU here)
+    assert (reasons == []) == ok, reasons
