@@ -180,9 +180,10 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
     """Cases the SM90 kernel does not handle get reasons (and fall through to the next
     backend) instead of reaching it."""
     import torch
+    from flashmla_cuda import sm90_spec
+
     from flashmla.formats import CacheFormat
     from flashmla.problems import Facts
-    from flashmla_cuda import sm90_spec
 
     decode = sm90_spec().ops["dense_decode"]
     facts = Facts(
