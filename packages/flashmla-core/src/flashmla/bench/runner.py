@@ -232,8 +232,8 @@ def software_versions() -> dict[str, str]:
     for mod in ("triton", "cupy", "numba"):
         with contextlib.suppress(Exception):
             versions[mod] = __import__(mod).__version__
-    for name, backend in REGISTRY.backends().items():
-        versions[f"flashmla-{name}"] = backend.spec.version
+    for name, backend in REGISTRY.backends().items():  # backends, not packages: one package
+        versions[f"backend {name}"] = backend.spec.version  # (flashmla-cuda) may register two
     return versions
 
 
