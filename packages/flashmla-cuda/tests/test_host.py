@@ -4,6 +4,7 @@ launch configurations."""
 from __future__ import annotations
 
 import re
+import types
 
 import numpy as np
 import pytest
@@ -192,3 +193,49 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
     )  # fmt: skip
     reasons = [r for r in decode.reasons(facts) if "runs on" not in r]  # (no GPU here)
     assert (reasons == []) == ok, reasons
+
+
+class _FakeLaunch:
+    def __init__(self) -> None:
+        self.runs: list[dict] = []
+
+    def run(self, pointers=None) -> None:
+        self.runs.append(dict(pointers or {}))
+
+
+def test_sm90_decode_relaunches_with_new_pointers_and_tensor_map(monkeypatch):
+    """The first call of a layout launches (and keeps the launches); later calls with other
+    tensors of that layout only relaunch, with their pointers and their cache's tensor map."""
+    import torch
+
+    from flashmla import testing
+
+    made = []
+
+    def fake_launch(p, q, out, lse, kv, plan):
+        made.append(kv)
+        return _FakeLaunch(), _FakeLaunch()
+
+    monkeypatch.setattr(decode_sm90, "_launch", fake_launch)
+    monkeypatch.setattr(
+        decode_sm90, "kv_tensor_map", lambda cache: cache.data_ptr().to_bytes(128, "little")
+    )
+
+    plan = types.SimpleNamespace(launches={})  # what relaunch uses of a DecodePlan
+    problems = [
+        testing.problem_for("decode", testing.dense_decode_inputs(2, 1, 16, 100, seed=s))
+        for s in (0, 1)
+    ]
+    out0, _ = decode_sm90.dense_decode(problems[0], plan)
+    assert made == [problems[0].k_cache.data_ptr().to_bytes(128, "little")]
+    out1, lse1 = decode_sm90.dense_decode(problems[1], plan)
+    assert len(made) == 1  # relaunched, not rebuilt
+    ((decode, combine),) = plan.launches.values()
+    assert decode.runs == [{
+        "kv": problems[1].k_cache.data_ptr().to_bytes(128, "little"),
+        "q": problems[1].q.data_ptr(), "out": out1.data_ptr(), "lse": lse1.data_ptr(),
+        "block_table": problems[1].block_table.data_ptr(),
+        "lengths": problems[1].cache_seqlens.data_ptr(),
+    }]  # fmt: skip
+    assert combine.runs == [{"out": out1.data_ptr(), "lse": lse1.data_ptr(), "sink": 0}]
+    assert out0.data_ptr() != out1.data_ptr() and isinstance(out1, torch.Tensor)

@@ -212,14 +212,16 @@ def _cache_args(cache: Tensor, fmt: CacheFormat) -> tuple[Tensor, dict, bool]:
 _WARNED: set[str] = set()
 
 
+def warn_once(message: str, stacklevel: int = 4) -> None:
+    """A warning about a slow path, given once per process (calls repeat every layer)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"flashmla-cuda: {message}", stacklevel=stacklevel)
+
+
 def _warn_copy(what: str) -> None:
-    if what not in _WARNED:
-        _WARNED.add(what)
-        warnings.warn(
-            f"flashmla-cuda: {what} is not 8-byte aligned; copying it to a contiguous tensor "
-            "on every call (slow)",
-            stacklevel=4,
-        )
+    warn_once(f"{what} is not 8-byte aligned; copying it to a contiguous tensor on every call "
+              "(slow)", stacklevel=5)  # fmt: skip
 
 
 def _launch_attention(
@@ -308,10 +310,12 @@ def layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
 
 
-def _relaunch(plan: DecodePlan, key: tuple, pointers: dict[str, int], launch) -> None:
+def relaunch(plan: DecodePlan, key: tuple, pointers: dict[str, int | bytes], launch) -> None:
     """Relaunch the plan's launches for ``key`` (inputs of the same layout) with this call's
     pointers, or launch anew and keep them. ``pointers`` holds the attention kernel's tensor
-    fields; the combine takes ``out`` / ``lse`` / ``sink`` from it."""
+    fields (a tensor map as its bytes); the combine takes ``out`` / ``lse`` / ``sink`` (0 when
+    absent) from it. ``launch()`` runs both and returns (launches, whether they may be
+    relaunched: not if an input had to be copied)."""
     found = plan.launches.get(key)
     if found is None:
         launches, reusable = launch()
@@ -320,7 +324,7 @@ def _relaunch(plan: DecodePlan, key: tuple, pointers: dict[str, int], launch) ->
         return
     attention, combine = found
     attention.run(pointers)
-    combine.run({"out": pointers["out"], "lse": pointers["lse"], "sink": pointers["sink"]})
+    combine.run({"out": pointers["out"], "lse": pointers["lse"], "sink": pointers.get("sink", 0)})
 
 
 def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
@@ -349,7 +353,7 @@ def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor
             "cache": p.k_cache.data_ptr(), "slots": p.block_table.data_ptr(),
             "lengths": p.cache_seqlens.data_ptr(), "sink": 0,
         }  # fmt: skip
-        _relaunch(plan, key, pointers, launch)
+        relaunch(plan, key, pointers, launch)
     return out, lse
 
 
@@ -383,7 +387,7 @@ def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tens
             "lengths": 0 if p.topk_length is None else p.topk_length.data_ptr(),
             "sink": 0 if p.attn_sink is None else p.attn_sink.data_ptr(),
         }  # fmt: skip
-        _relaunch(plan, key, pointers, launch)
+        relaunch(plan, key, pointers, launch)
     return out, lse
 
 

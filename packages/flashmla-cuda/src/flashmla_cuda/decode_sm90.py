@@ -9,8 +9,6 @@ the registry to the next backend, with these reasons. A cache the copy engine ca
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -73,43 +71,29 @@ def plan_dense_decode(p: DenseDecodeProblem) -> DecodePlan:
     return DecodePlan.of(p.q, schedule)
 
 
-_WARNED = False
-
-
 def dense_decode(p: DenseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
     try:
         kv = kv_tensor_map(p.k_cache)
     except tma.TensorMapError as exc:
-        global _WARNED
-        if not _WARNED:
-            _WARNED = True
-            warnings.warn(
-                f"flashmla-cuda: the SM90 decode kernel cannot read this cache ({exc}); "
-                "running the portable kernel",
-                stacklevel=3,
-            )
+        attention.warn_once(
+            f"the SM90 decode kernel cannot read this cache ({exc}); running the portable kernel"
+        )
         return attention.dense_decode(p, plan)
     out, lse = p.empty_outputs()
     with attention.on_device(p.q.device):
         plan = plan if plan is not None else plan_dense_decode(p)
         q = attention.aligned_queries(p.q)
-        pointers = {
-            "kv": kv, "q": q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
-            "block_table": p.block_table.data_ptr(), "lengths": p.cache_seqlens.data_ptr(),
-        }  # fmt: skip
         key = (
             "sm90", attention.layout(q), attention.layout(p.k_cache), attention.layout(p.block_table),
             attention.layout(p.cache_seqlens), p.softmax_scale, p.causal,
         )  # fmt: skip
-        found = plan.launches.get(key)
-        if found is None:
-            launches = _launch(p, q, out, lse, kv, plan)
-            if q is p.q:  # (a copied q has a pointer of its own: launch anew next time)
-                plan.launches[key] = launches
-        else:
-            decode, combine = found
-            decode.run(pointers)
-            combine.run({"out": pointers["out"], "lse": pointers["lse"], "sink": 0})
+        pointers = {
+            "kv": kv, "q": q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
+            "block_table": p.block_table.data_ptr(), "lengths": p.cache_seqlens.data_ptr(),
+        }  # fmt: skip
+        attention.relaunch(
+            plan, key, pointers, lambda: (_launch(p, q, out, lse, kv, plan), q is p.q)
+        )  # (a copied q has a pointer of its own: launch anew next time)
     return out, lse
 
 
