@@ -64,10 +64,13 @@ from .numerics import (
 from .tiles import (
     MICRO,
     add_scores,
+    clear,
     pv_step,
     rescale_rows,
+    score_block,
     scores_step,
     softmax_row,
+    start_rows,
     tiling,
 )
 
@@ -230,17 +233,11 @@ def mla_kernel(fmt: int, is_fp16: bool, sparse: bool, block_m: int, d_qk: int):
         lo = chunk * chunk_len
         hi = min(lo + chunk_len, length)
 
-        for r in range(tid, block_m, threads):
-            row_max[r] = NEG_INF
-            row_sum[r] = ZERO
+        start_rows(row_max, row_sum, block_m, tid, threads)
         acc = cuda.local.array(acc_shape, float32)  # this lane's part of O
-        for i in range(rows_per_warp):
-            for c in range(cols_per_lane):
-                acc[i, c] = ZERO
+        clear(acc)
         # S = Q K^T: this thread's 4 x 4 block of scores and its slice of each chunk's dims
-        tile_n = tid % tiles_n
-        tile_m = tid // tiles_n % (block_m // MICRO)
-        dim0 = tid // (tiles_n * (block_m // MICRO)) * dims_per_group
+        tile_n, tile_m, dim0 = score_block(tid, tiles_n, block_m, dims_per_group)
         s_acc = cuda.local.array((MICRO, MICRO), float32)
         k_reg = cuda.local.array(MICRO, float32)
         v_reg = cuda.local.array(cols_per_lane, float32)

@@ -36,10 +36,13 @@ from .numerics import as_int16, f32_to_half, half_to_f32
 from .tiles import (
     MICRO,
     add_scores,
+    clear,
     pv_step,
     rescale_rows,
+    score_block,
     scores_step,
     softmax_row,
+    start_rows,
     tiling,
 )
 
@@ -98,16 +101,10 @@ def mha_kernel(d_qk: int, d_v: int, is_fp16: bool):
         row_max = cuda.shared.array(BLOCK_M, float32)
         row_sum = cuda.shared.array(BLOCK_M, float32)
         row_alpha = cuda.shared.array(BLOCK_M, float32)
-        for r in range(tid, BLOCK_M, threads):
-            row_max[r] = NEG_INF
-            row_sum[r] = ZERO
+        start_rows(row_max, row_sum, BLOCK_M, tid, threads)
         acc = cuda.local.array(acc_shape, float32)
-        for i in range(rows_per_warp):
-            for c in range(cols_per_lane):
-                acc[i, c] = ZERO
-        tile_n = tid % tiles_n
-        tile_m = tid // tiles_n % (BLOCK_M // MICRO)
-        dim0 = tid // (tiles_n * (BLOCK_M // MICRO)) * dims_per_group
+        clear(acc)
+        tile_n, tile_m, dim0 = score_block(tid, tiles_n, BLOCK_M, dims_per_group)
         s_acc = cuda.local.array((MICRO, MICRO), float32)
         k_reg = cuda.local.array(MICRO, float32)
         v_reg = cuda.local.array(cols_per_lane, float32)

@@ -80,6 +80,33 @@ def tiling(threads: int, block_m: int, block_n: int, d_qk: int, d_v: int, v_toke
 
 
 @device_function
+def start_rows(row_max, row_sum, n_rows, tid, threads):
+    """A fresh online softmax for rows ``[0, n_rows)`` (``m = -inf``, ``l = 0``), the CTA's
+    threads sharing the rows."""
+    for r in range(tid, n_rows, threads):
+        row_max[r] = NEG_INF
+        row_sum[r] = ZERO
+
+
+@device_function
+def clear(acc):
+    """``O = 0`` for one lane's accumulator."""
+    for i in range(acc.shape[0]):
+        for c in range(acc.shape[1]):
+            acc[i, c] = ZERO
+
+
+@device_function
+def score_block(tid, tiles_n, block_m, dims_per_group):
+    """The block of ``S`` thread ``tid`` computes: (its key block, its row block, the first dim
+    of its slice of each chunk)."""
+    tile_n = tid % tiles_n
+    tile_m = tid // tiles_n % (block_m // MICRO)
+    dim0 = tid // (tiles_n * (block_m // MICRO)) * dims_per_group
+    return tile_n, tile_m, dim0
+
+
+@device_function
 def scores_step(q_s, kv_s, k_stride, s_acc, k_reg, row0, key0, dim0, dims):
     """``s_acc[i, j] += q_s[row0 + i, d] * K[key0 + j, d]`` for ``d`` in ``[dim0, dim0 +
     dims)``, with key ``n``'s dim ``d`` at ``kv_s[n * k_stride + d]``: one thread's block of
