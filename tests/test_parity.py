@@ -58,6 +58,7 @@ DENSE_GPU = [
     dict(b=16, s_q=4, h_q=64, s_k=1024, causal=True, contiguous=False),
     dict(b=128, s_q=1, h_q=16, s_k=8192),
     dict(b=8, s_q=1, h_q=128, s_k=20000, page_block_size=256),
+    dict(b=1, s_q=1, h_q=128, s_k=65536),  # D7: one request split over every SM
     dict(b=8, s_q=2, h_q=128, s_k=3000, cache_format="fp8_v32", causal=True),
     dict(b=8, s_q=1, h_q=64, s_k=3000, cache_format="fp8_model1", page_block_size=61),
 ] + [

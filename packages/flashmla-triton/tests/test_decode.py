@@ -79,10 +79,11 @@ def test_combine_kernel_matches_core(sink):
     attn_sink = torch.tensor([0.5, float("inf"), float("-inf"), -1.0, 2.0]) if sink else None
     out = torch.zeros(b, s_q, h_q, 512, dtype=torch.bfloat16)
     lse = torch.zeros(b, h_q, s_q)
-    combine_kernel[(b * s_q, 1)](
+    # BLOCK_S = 2 < 3 pieces: the piece loop takes more than one step
+    combine_kernel[(b * s_q, h_q, 512 // 128)](
         o_acc, lse_acc, s_q * h_q, h_q, 1, ns, out, *out.stride()[:3], lse, lse.stride(0),
         lse.stride(2), lse.stride(1), attn_sink, s_q, h_q,
-        HAS_SINK=sink, BLOCK_H=8, D_V=512, UPCAST=True,
+        HAS_SINK=sink, BLOCK_S=2, BLOCK_D=128, D_V=512, UPCAST=True,
     )  # fmt: skip
     want_out, want_lse = scheduler.combine_splits(o_acc, lse_acc, ns, attn_sink)
     for i in (1, 2):  # request 0 has one piece: the attention kernel writes it, combine skips it

@@ -19,6 +19,7 @@ from .launch import I32, I64, PTR, Launch, kernel, pack, ptr, struct_type
 D_V = 512
 SCHED_THREADS = 256  # the kernel's default SCHED_THREADS
 COMBINE_WARPS = 8  # heads per combine CTA (one warp each)
+COMBINE_COLS = 128  # output columns per combine warp (grid.z covers the 512)
 
 SCHEDULE_PARAMS = struct_type(
     [(name, PTR) for name in ("lengths", "extra_lengths", "metadata", "num_splits")]
@@ -139,7 +140,7 @@ def combine(
         "s_q": s_q,
         "h_q": h_q,
     }
-    grid = (b * s_q, -(-h_q // COMBINE_WARPS))
+    grid = (b * s_q, -(-h_q // COMBINE_WARPS), D_V // COMBINE_COLS)
     k = kernel(_build(out.dtype == torch.float16), "combine", out.device)
     launch = Launch.of(k, grid, COMBINE_WARPS * 32, COMBINE_PARAMS, values)
     launch.run()

@@ -29,6 +29,8 @@ from .kernels.combine import combine_kernel
 from .kernels.schedule import schedule_kernel
 from .launch import Launch
 
+COMBINE_COLS = 128  # output columns per combine program (the grid's third axis covers 512)
+
 FMT_CODE = {
     CacheFormat.BF16: FMT_PLAIN,
     CacheFormat.FP16: FMT_PLAIN,
@@ -225,14 +227,15 @@ def attention_launches(
         )
     ]
     if persistent:
-        block_h = 16
         cargs = dict(zip(combine_kernel.arg_names, (
             o_acc, lse_acc, s_q * h_q, h_q, 1, plan.schedule.num_splits,
             out4, out4.stride(0), out4.stride(1), out4.stride(2),
             lse, *lse_strides, sink, s_q, h_q,
         )))  # fmt: skip
-        cconst = dict(HAS_SINK=sink is not None, BLOCK_H=block_h, D_V=512, UPCAST=INTERPRET)
-        grid = (b * s_q, triton.cdiv(h_q, block_h))
+        cconst = dict(
+            HAS_SINK=sink is not None, BLOCK_S=16, BLOCK_D=COMBINE_COLS, D_V=512, UPCAST=INTERPRET
+        )
+        grid = (b * s_q, h_q, 512 // COMBINE_COLS)
         launches.append(
             Launch(combine_kernel, grid, {**cargs, **cconst}, 4, 1, frozenset(cconst), device)
         )

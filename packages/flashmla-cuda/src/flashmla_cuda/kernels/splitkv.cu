@@ -6,7 +6,9 @@
 // as FlashMLA's one-warp metadata kernel does. Lengths are read on the device, so a captured CUDA
 // graph reschedules on replay. Output is bit-identical to flashmla.scheduler.split_kv_schedule.
 //
-// combine: one warp per (request, query token, head); a lane owns 16 of the 512 output columns.
+// combine: one warp per (request, query token, head, quarter of the 512 output columns); a lane
+// owns 4 columns. The quarters and the partials of several pieces in flight per warp keep enough
+// loads going for one long request split over every SM (D7: 66 pieces x 128 heads x 2 KiB).
 // Requests done in one piece were written by the attention kernel and are skipped.
 //
 // Defines: DTYPE_FP16 (output element type of combine), SCHED_THREADS, SCHED_CHUNK.
@@ -20,7 +22,9 @@
 #endif
 
 constexpr int SCHED_BLOCK = 64;  // KV tokens (dense) or index entries (sparse) per block
-constexpr int COMBINE_WARPS = 8;
+constexpr int COMBINE_WARPS = 8;    // heads per CTA
+constexpr int COMBINE_COLS = 128;   // output columns per warp (grid.z covers D_V)
+constexpr int COMBINE_UNROLL = 8;   // pieces whose partials a warp loads at once
 constexpr int D_V = 512;
 
 // ---------------------------------------------------------------------------------------------
@@ -211,39 +215,40 @@ extern "C" __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine(const C
       g_w = sink2 == -F_INF ? F_INF : sink2;
   }
 
-  float4 acc[4];
+  // Lane owns columns col .. col+3 (8 bytes of output).
+  const int col = blockIdx.z * COMBINE_COLS + 4 * lane;
+  const float4* o_col = reinterpret_cast<const float4*>(p.o_acc + row * D_V + col);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j0 = begin; j0 < end; j0 += COMBINE_UNROLL) {
+    float w[COMBINE_UNROLL];
+    float4 v[COMBINE_UNROLL];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float4* o_row = reinterpret_cast<const float4*>(p.o_acc + row * D_V) + lane;
-#pragma unroll 2
-  for (int j = begin; j < end; ++j) {
-    const float w = exp2f(lse_row[j * slot_stride] - g_w);
-    if (w > 0.f) {  // skips empty pieces (and NaN weights): their partials are never read
-      const float4* o = o_row + j * slot_stride * (D_V / 4);
+    for (int u = 0; u < COMBINE_UNROLL; ++u) {
+      const int j = j0 + u;
+      w[u] = j < end ? exp2f(lse_row[j * slot_stride] - g_w) : 0.f;
+      if (!(w[u] > 0.f)) w[u] = 0.f;  // empty pieces (and NaN weights): partials never read
+    }
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float4 v = o[32 * k];
-        acc[k].x += w * v.x, acc[k].y += w * v.y, acc[k].z += w * v.z, acc[k].w += w * v.w;
-      }
+    for (int u = 0; u < COMBINE_UNROLL; ++u) {
+      const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+      v[u] = w[u] > 0.f ? o_col[(j0 + u) * slot_stride * (D_V / 4)] : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < COMBINE_UNROLL; ++u) {
+      acc.x += w[u] * v[u].x, acc.y += w[u] * v[u].y;
+      acc.z += w[u] * v[u].z, acc.w += w[u] * v[u].w;
     }
   }
 
-  // Lane owns columns 4 (lane + 32 k) .. +3: 8 bytes of output each.
-  u16* out = p.out + i * p.out_sb + t * p.out_st + h * p.out_sh;
-  const bool aligned8 = (reinterpret_cast<u64>(out) & 7) == 0;
-  const bool aligned4 = (reinterpret_cast<u64>(out) & 3) == 0;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const u32 lo = pack2(acc[k].x, acc[k].y), hi = pack2(acc[k].z, acc[k].w);
-    u16* dst = out + 4 * (lane + 32 * k);
-    if (aligned8) {
-      *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
-    } else if (aligned4) {
-      reinterpret_cast<u32*>(dst)[0] = lo;
-      reinterpret_cast<u32*>(dst)[1] = hi;
-    } else {
-      dst[0] = (u16)lo, dst[1] = (u16)(lo >> 16), dst[2] = (u16)hi, dst[3] = (u16)(hi >> 16);
-    }
+  u16* out = p.out + i * p.out_sb + t * p.out_st + h * p.out_sh + col;
+  const u32 lo = pack2(acc.x, acc.y), hi = pack2(acc.z, acc.w);
+  if ((reinterpret_cast<u64>(out) & 7) == 0) {
+    *reinterpret_cast<uint2*>(out) = make_uint2(lo, hi);
+  } else if ((reinterpret_cast<u64>(out) & 3) == 0) {
+    reinterpret_cast<u32*>(out)[0] = lo;
+    reinterpret_cast<u32*>(out)[1] = hi;
+  } else {
+    out[0] = (u16)lo, out[1] = (u16)(lo >> 16), out[2] = (u16)hi, out[3] = (u16)(hi >> 16);
   }
-  if (lane == 0) p.lse[i * p.lse_sb + t * p.lse_st + h * p.lse_sh] = g * LN2;
+  if (lane == 0 && blockIdx.z == 0) p.lse[i * p.lse_sb + t * p.lse_st + h * p.lse_sh] = g * LN2;
 }

@@ -14,58 +14,60 @@ def combine_kernel(
     out, stride_ob, stride_ot, stride_oh,
     lse, stride_lb, stride_lt, stride_lh,
     sink, s_q, h_q,
-    HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr, D_V: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_V: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One program per (request, query token) and block of heads. Requests done in one piece
-    were written by the attention kernel and are skipped. Partial lse values are base 2."""
+    """One program per (request, query token), head and block of ``BLOCK_D`` output columns;
+    each step loads the partials of ``BLOCK_S`` pieces at once, so one long request split over
+    every SM still has enough loads in flight. Requests done in one piece were written by the
+    attention kernel and are skipped. Partial lse values are base 2."""
     pid = tl.program_id(0)
     i = pid // s_q
     t = pid % s_q
+    h = tl.program_id(1)
     begin = tl.load(num_splits + i)
     end = tl.load(num_splits + i + 1)
     if end - begin > 1:
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        ok = heads < h_q
-        rows = t.to(tl.int64) * stride_at + heads.to(tl.int64) * stride_ah
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        for j in range(begin, end):
-            m = tl.maximum(
-                m, tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf"))
-            )
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.zeros([BLOCK_H], tl.float32)
-        for j in range(begin, end):
-            total += tl.exp2(
-                tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf")) - m_safe
-            )
-        g = tl.where(total > 0, tl.log2(tl.where(total > 0, total, 1.0)) + m_safe, float("inf"))
+        row = t.to(tl.int64) * stride_at + h.to(tl.int64) * stride_ah
+        pieces = tl.arange(0, BLOCK_S)
+        m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for j in range(begin, end, BLOCK_S):
+            ok = j + pieces < end
+            lj = tl.load(lse_acc + _i64(j + pieces) * stride_ab + row, mask=ok, other=float("-inf"))
+            m = tl.maximum(m, lj)
+        m_max = tl.max(m, 0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        for j in range(begin, end, BLOCK_S):
+            ok = j + pieces < end
+            lj = tl.load(lse_acc + _i64(j + pieces) * stride_ab + row, mask=ok, other=float("-inf"))
+            total += tl.exp2(lj - m_safe)
+        s = tl.sum(total, 0)
+        g = tl.where(s > 0, tl.log2(tl.where(s > 0, s, 1.0)) + m_safe, float("inf"))
         g_w = g
         if HAS_SINK:  # fold the sink into the normaliser, leaving lse itself untouched
-            sink2 = tl.load(sink + heads, mask=ok, other=float("-inf")) * 1.4426950408889634
+            sink2 = tl.load(sink + h) * 1.4426950408889634
             finite = g != float("inf")
             with_sink = g + tl.log2(1.0 + tl.exp2(sink2 - tl.where(finite, g, 0.0)))
             g_w = tl.where(finite, with_sink, tl.where(sink2 == float("-inf"), float("inf"), sink2))
-        cols = tl.arange(0, D_V)
-        acc = tl.zeros([BLOCK_H, D_V], tl.float32)
-        for j in range(begin, end):
-            lj = tl.load(lse_acc + _i64(j) * stride_ab + rows, mask=ok, other=float("-inf"))
+        cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for j in range(begin, end, BLOCK_S):
+            ok = j + pieces < end
+            lj = tl.load(lse_acc + _i64(j + pieces) * stride_ab + row, mask=ok, other=float("-inf"))
             w = tl.exp2(lj - g_w)
-            w = tl.where(lj == float("-inf"), 0.0, w)
+            used = w > 0  # empty pieces (and NaN weights) are never read
+            w = tl.where(used, w, 0.0)
             o = tl.load(
-                o_acc + (_i64(j) * stride_ab + rows)[:, None] * D_V + cols[None, :],
-                mask=ok[:, None],
+                o_acc + (_i64(j + pieces) * stride_ab + row)[:, None] * D_V + cols[None, :],
+                mask=used[:, None],
                 other=0.0,
             )
-            acc += w[:, None] * o
+            acc += tl.sum(w[:, None] * o, 0)
         if UPCAST and out.dtype.element_ty == tl.bfloat16:
             acc = round_to_bf16(acc)
-        out_rows = (
-            i.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + heads.to(tl.int64) * stride_oh
-        )
-        tl.store(
-            out + out_rows[:, None] + cols[None, :], acc.to(out.dtype.element_ty), mask=ok[:, None]
-        )
-        lse_rows = (
-            i.to(tl.int64) * stride_lb + t.to(tl.int64) * stride_lt + heads.to(tl.int64) * stride_lh
-        )
-        tl.store(lse + lse_rows, g * 0.6931471805599453, mask=ok)
+        dst = out + i.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot
+        tl.store(dst + h.to(tl.int64) * stride_oh + cols, acc.to(out.dtype.element_ty))
+        if tl.program_id(2) == 0:
+            lse_row = i.to(tl.int64) * stride_lb + t.to(tl.int64) * stride_lt
+            tl.store(lse + lse_row + h.to(tl.int64) * stride_lh, g * 0.6931471805599453)
