@@ -131,8 +131,8 @@ def test_schedule_and_combine_kernels_compile(cc, sparse):
         dict(o_acc=f32, lse_acc=f32, stride_ab=256, stride_at=128, stride_ah=1, num_splits=i32,
              out=torch.zeros(8, dtype=torch.bfloat16), stride_ob=1024, stride_ot=512, stride_oh=512,
              lse=f32, stride_lb=256, stride_lt=1, stride_lh=2, sink=f32 if sparse else None,
-             s_q=2, h_q=128, HAS_SINK=sparse, BLOCK_H=16, D_V=512, UPCAST=False),
-        constexprs=frozenset({"HAS_SINK", "BLOCK_H", "D_V", "UPCAST"}),
+             s_q=2, h_q=128, HAS_SINK=sparse, BLOCK_S=16, BLOCK_D=128, D_V=512, UPCAST=False),
+        constexprs=frozenset({"HAS_SINK", "BLOCK_S", "BLOCK_D", "D_V", "UPCAST"}),
     )  # fmt: skip
     for launch in (schedule, combine):
         usage = resource_usage(launch.compile(cc))
