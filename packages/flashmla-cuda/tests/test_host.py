@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from flashmla_cuda import attention, cache_write, compiler, decode_sm90, mha, splitkv
 from flashmla_cuda.compiler import Build, target_arch
 from flashmla_cuda.launch import F32, I32, I64, PTR, TMAP, pack, struct_type
@@ -128,6 +129,34 @@ def test_sm90_shared_memory_matches_the_kernel_layout():
     assert "static_assert(SMEM_BYTES <= 227 * 1024" in text
     assert decode_sm90.SMEM_BYTES <= 227 * 1024
     assert decode_sm90.SMEM_BYTES == 3 * 73728 + 512 + 512 + 64 + 1024
+    assert decode_sm90.SPARSE_SMEM_BYTES == decode_sm90.SMEM_BYTES + 128  # + valid flags
+    assert decode_sm90.SPARSE_SMEM_BYTES <= 227 * 1024
+
+
+def _e4m3x2_bits(w: int, selector: int) -> int:
+    """The kernel's e4m3x2_bits (__byte_perm with a zero second operand, then the masks)."""
+    src = w.to_bytes(4, "little") + bytes(4)
+    t = int.from_bytes(bytes(src[(selector >> (4 * i)) & 7] for i in range(4)), "little")
+    return (t & 0x80008000) | ((t >> 4) & 0x07F007F0)
+
+
+def test_sparse_dequant_bit_trick_is_exact_for_every_e4m3_value():
+    """Every e4m3 byte moved into bf16 bit positions is its value times 2^-120 exactly
+    (subnormals and signed zeros included); NaN bytes become finite (masked tokens stay
+    finite). Both byte pairs of a word are checked, as the kernel uses both selectors."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    for byte in range(256):
+        word = byte | (byte ^ 0x5A) << 8 | byte << 16 | (byte ^ 0x5A) << 24
+        for selector in (0x1404, 0x3424):  # bytes 0-1 and bytes 2-3 (the same values here)
+            pair = _e4m3x2_bits(word, selector)
+            for half, b in ((0, byte), (1, byte ^ 0x5A)):
+                bits = torch.tensor([(pair >> (16 * half)) & 0xFFFF], dtype=torch.int32)
+                got = bits.to(torch.int16).view(torch.bfloat16).float() * 2.0**120
+                want = values[b]
+                if torch.isnan(want):
+                    assert torch.isfinite(got).all()
+                else:
+                    assert got.item() == want.item() and got.signbit() == want.signbit(), (b, got)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +222,40 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
     )  # fmt: skip
     reasons = [r for r in decode.reasons(facts) if "runs on" not in r]  # (no GPU here)
     assert (reasons == []) == ok, reasons
+
+
+@pytest.mark.parametrize(
+    "fmt,h_q,features,ok",
+    [("fp8_v32", 128, {"attn_sink", "topk_length", "mtp"}, True), ("fp8_v32", 64, set(), True),
+     ("fp8_v32", 32, set(), False), ("fp8_model1", 128, set(), False), ("bf16", 128, set(), False),
+     ("fp8_v32", 128, {"extra_cache"}, False)],
+)  # fmt: skip
+def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok):
+    import torch
+    from flashmla_cuda import sm90_spec
+
+    from flashmla.formats import CacheFormat
+    from flashmla.problems import Facts
+
+    sparse = sm90_spec().ops["sparse_decode"]
+    d_qk = 512 if fmt == "fp8_model1" else 576
+    facts = Facts(
+        "sparse_decode", torch.device("cpu"), torch.bfloat16, CacheFormat(fmt), (d_qk, 512),
+        h_q, 1, 2, 64, 2048, frozenset(features),
+    )  # fmt: skip
+    reasons = [r for r in sparse.reasons(facts) if "runs on" not in r]  # (no GPU here)
+    assert (reasons == []) == ok, reasons
+
+
+def test_sm90_sparse_decode_refuses_what_it_cannot_address():
+    """Caches and index lists the kernel cannot read as laid out go to the portable kernel."""
+    from flashmla import testing
+
+    inputs = testing.sparse_decode_inputs(2, 1, 64, 64, s_k=100, page_block_size=16, seed=0)
+    p = testing.problem_for("decode", inputs)
+    assert decode_sm90._sparse_unaddressable(p) is None
+    p.indices = torch.zeros(2, 1, 128, dtype=torch.int32)[..., ::2]
+    assert "indices" in decode_sm90._sparse_unaddressable(p)
 
 
 class _FakeLaunch:

@@ -9,8 +9,8 @@ Two backends come from this package:
 
 - ``cuda``: the *portable* family (warp-level ``mma.sync`` tensor-core code, compute capability
   8.0 and newer; SM100 runs it too) for every op;
-- ``cuda-sm90``: Hopper's own dense decode (wgmma, TMA, warp specialization; sm_90a), for the
-  cases it declares. It outranks every other backend there; whatever it does not declare falls
+- ``cuda-sm90``: Hopper's own dense decode and FP8 sparse decode (wgmma, TMA, warp
+  specialization; sm_90a), for the cases it declares. It outranks every other backend there; whatever it does not declare falls
   through the registry (with its reasons) to the next backend.
 """
 
@@ -71,12 +71,18 @@ def sm90_spec():
         head_dims=frozenset({(576, 512)}), page_sizes=PageSizes(64, 1024, 64),
         features=frozenset({"causal", "mtp"}),
     )  # fmt: skip
+    sparse = OpSupport(
+        arch="sm_90a", cache_formats=frozenset({CacheFormat.FP8_V32}),
+        head_dims=frozenset({(576, 512)}), h_q=frozenset({64, 128}),
+        features=frozenset({"mtp", "attn_sink", "topk_length"}),
+    )  # fmt: skip
     return BackendSpec(
         name="cuda-sm90",
         version=__version__,
         implementation="flashmla_cuda.decode_sm90",
         priority=30,
         requires=("cupy",),
-        description="CUDA C++ via CuPy NVRTC: SM90 dense decode (wgmma, TMA, warp specialization)",
-        ops={"dense_decode": decode},
+        description="CUDA C++ via CuPy NVRTC: SM90 dense and FP8 sparse decode (wgmma, TMA, "
+        "warp specialization)",
+        ops={"dense_decode": decode, "sparse_decode": sparse},
     )

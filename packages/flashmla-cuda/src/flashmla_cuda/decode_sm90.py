@@ -1,10 +1,14 @@
-"""The SM90 dense decode family (``kernels/mla_decode_sm90.cu``): wgmma, TMA, warp specialization.
+"""The SM90 decode family (``kernels/mla_decode_sm90.cu``): wgmma, TMA, warp specialization.
 
 It is the implementation of the ``cuda-sm90`` backend (see :func:`flashmla_cuda.sm90_spec`), which
-declares exactly what the kernel handles: compute capability 9.0, bf16/fp16 caches with
-(d_qk, d_v) = (576, 512) and page blocks that are multiples of 64. Every other case falls through
-the registry to the next backend, with these reasons. A cache the copy engine cannot address
-(misaligned base or strides) runs the portable kernel instead, with a one-time warning.
+declares exactly what the kernels handle: compute capability 9.0 and
+- dense decode: bf16/fp16 caches with (d_qk, d_v) = (576, 512) and page blocks that are
+  multiples of 64;
+- sparse decode (the ``SPARSE`` build): the FP8 V3.2 cache, h_q 64 or 128, attn_sink and
+  topk_length (no extra cache).
+Every other case falls through the registry to the next backend, with these reasons. A cache
+the kernel cannot address (misaligned base or strides) runs the portable kernel instead, with
+a one-time warning.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flashmla.problems import DenseDecodeProblem, row_groups
-from flashmla.scheduler import DecodePlan, dense_num_parts, device_sm_count
+from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, row_groups
+from flashmla.scheduler import DecodePlan, dense_num_parts, device_sm_count, sparse_num_parts
 
 from . import attention, splitkv, tma
 from .compiler import Build
@@ -25,14 +29,18 @@ TILE = 64 * 576 * 2  # one Q tile or key block in shared memory
 # Q, two key stages, the two consumers' row maxima and sums, eight mbarriers, 1024 bytes of
 # alignment slack (the kernel traps if given less than its layout)
 SMEM_BYTES = 3 * TILE + 2 * 64 * 4 + 2 * 64 * 4 + 8 * 8 + 1024
+SPARSE_SMEM_BYTES = SMEM_BYTES + 2 * BLOCK  # + the valid flags of both stages
+FP8_RECORD = 656  # bytes per token of the V3.2 cache
 
 PARAMS = struct_type(
     [("kv", TMAP)]
     + [(name, PTR) for name in (
         "q", "out", "lse", "o_acc", "lse_acc", "block_table", "lengths", "metadata", "num_splits",
+        "cache", "sink",
     )]
     + [(name, I64) for name in (
-        "q_b", "q_t", "q_h", "o_b", "o_t", "o_h", "l_b", "l_t", "l_h", "table_b",
+        "q_b", "q_t", "q_h", "o_b", "o_t", "o_h", "l_b", "l_t", "l_h", "table_b", "slot_t",
+        "page_stride",
     )]
     + [(name, I32) for name in (
         "num_pages", "page", "list_len", "s_q", "group", "rows", "h_q", "causal",
@@ -41,12 +49,12 @@ PARAMS = struct_type(
 )  # fmt: skip
 
 
-def build_for(fp16: bool) -> Build:
-    return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16)
+def build_for(fp16: bool, sparse: bool = False) -> Build:
+    return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16, SPARSE=sparse)
 
 
 def builds(cc: tuple[int, int]) -> list[Build]:
-    return [build_for(False), build_for(True)] if cc == (9, 0) else []
+    return [build_for(False), build_for(True), build_for(False, True)] if cc == (9, 0) else []
 
 
 def kv_tensor_map(cache: Tensor) -> bytes:
@@ -110,7 +118,7 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
         "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
-        "table_b": table.stride(0),
+        "table_b": table.stride(0), "slot_t": 0, "page_stride": 0, "cache": 0, "sink": 0,
         "num_pages": p.k_cache.shape[0], "page": p.k_cache.shape[1], "list_len": table.shape[1],
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
         "scale_log2": p.softmax_scale * attention.LOG2E,
@@ -122,5 +130,88 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
     combine = splitkv.combine(
         o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits, out=out,
         lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=None,
+    )  # fmt: skip
+    return decode, combine
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse decode (FP8 V3.2 cache)
+
+
+def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
+    if p.schedule is not None:
+        return DecodePlan.of(p.q, p.schedule)
+    b, s_q, h_q, _ = p.q.shape
+    schedule = splitkv.schedule(
+        b=b, num_parts=sparse_num_parts(device_sm_count(p.q.device), s_q, h_q),
+        device=p.q.device, topk=p.indices.shape[2], topk_length=p.topk_length,
+    )  # fmt: skip
+    return DecodePlan.of(p.q, schedule)
+
+
+def _sparse_unaddressable(p: SparseDecodeProblem) -> str | None:
+    """Why the kernel cannot read these inputs as they are laid out (None: it can)."""
+    cache = p.k_cache
+    if cache.data_ptr() % 16 or (cache.stride(0) * cache.element_size()) % 16:
+        return "the cache's base and page stride must be multiples of 16 bytes"
+    if cache.stride(1) * cache.element_size() != FP8_RECORD or cache.stride(3) != 1:
+        return "the cache's tokens must be contiguous 656-byte records"
+    if p.indices.stride(2) != 1:
+        return "the indices' last dimension must be contiguous"
+    return None
+
+
+def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
+    why = _sparse_unaddressable(p)
+    if why is not None:
+        attention.warn_once(f"the SM90 sparse decode kernel cannot read this input ({why}); "
+                            "running the portable kernel")  # fmt: skip
+        return attention.sparse_decode(p, plan)
+    out, lse = p.empty_outputs()
+    with attention.on_device(p.q.device):
+        plan = plan if plan is not None else plan_sparse_decode(p)
+        q = attention.aligned_queries(p.q)
+        key = (
+            "sm90-sparse", attention.layout(q), attention.layout(p.k_cache),
+            attention.layout(p.indices), attention.layout(p.topk_length),
+            attention.layout(p.attn_sink), p.softmax_scale,
+        )  # fmt: skip
+        pointers = {
+            "q": q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
+            "cache": p.k_cache.data_ptr(), "block_table": p.indices.data_ptr(),
+            "lengths": 0 if p.topk_length is None else p.topk_length.data_ptr(),
+            "sink": 0 if p.attn_sink is None else p.attn_sink.data_ptr(),
+        }  # fmt: skip
+        attention.relaunch(
+            plan, key, pointers, lambda: (_launch_sparse(p, q, out, lse, plan), q is p.q)
+        )
+    return out, lse
+
+
+def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
+                   plan: DecodePlan) -> tuple[Launch, Launch]:  # fmt: skip
+    b, s_q, h_q, _d = q.shape
+    cache, indices, sink = p.k_cache, p.indices, p.attn_sink
+    values = {
+        "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
+        "lse_acc": ptr(plan.lse_acc), "block_table": ptr(indices), "lengths": ptr(p.topk_length),
+        "metadata": ptr(plan.schedule.metadata), "num_splits": ptr(plan.schedule.num_splits),
+        "cache": ptr(cache), "sink": ptr(sink),
+        "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
+        "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
+        "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
+        "table_b": indices.stride(0), "slot_t": indices.stride(1),
+        "page_stride": cache.stride(0) * cache.element_size(),
+        "num_pages": cache.shape[0], "page": cache.shape[1], "list_len": indices.shape[2],
+        "s_q": s_q, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
+        "scale_log2": p.softmax_scale * attention.LOG2E,
+    }  # fmt: skip
+    k = kernel(build_for(False, True), "mla_decode_sm90", q.device)
+    grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
+    decode = Launch.of(k, grid, THREADS, PARAMS, values, SPARSE_SMEM_BYTES)
+    decode.run()
+    combine = splitkv.combine(
+        o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits, out=out,
+        lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=sink,
     )  # fmt: skip
     return decode, combine

@@ -31,8 +31,24 @@
 // Rows are (token, head) pairs as in the portable kernel; whole requests write the final output,
 // pieces of split requests write fp32 partials for the combine kernel.
 //
-// Defines: DTYPE_FP16 (element type of q, cache and out).
+// SPARSE=1 builds the token-sparse decode over the FP8 V3.2 cache (656-byte records) with the
+// same consumers. A CTA stacks 64 heads of one query token; a block is 64 entries of its index
+// list. The copy engine cannot gather FP8 records and convert them, so the whole producer
+// warpgroup works instead: two threads per token load the record with 128-bit loads (issued
+// before waiting for the stage, so they are in flight while the consumers finish it), dequantize
+// and store the bf16 row into the swizzled stage, and arrive on the half's full barrier. Invalid
+// entries (-1, out of range, past topk_length) become zero rows and a cleared valid flag, which
+// the consumers' mask turns into -inf. Dequantization avoids the slow conversion units: an e4m3
+// byte moved into a bf16's bit positions is its value times 2^-120 exactly (subnormals
+// included), and one bf16x2 multiply by scale * 2^120 finishes it, rounding as the reference's
+// bf16(fp8) * bf16(scale).
+//
+// Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE.
 #include "sm90.cuh"
+
+#ifndef SPARSE
+#define SPARSE 0
+#endif
 
 namespace {
 
@@ -46,6 +62,11 @@ constexpr int LEFT_BOXES = 4;                  // boxes [0, 4): V columns 0-255;
 constexpr int P_BOX = BOXES - 1;               // RoPE box: the handed-over P tile after Q K^T
 constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
+// Registers per thread after the reallocation (128 P + 256 C <= 65536): the dense producer is
+// one thread issuing copies; the sparse one dequantizes with loads in flight.
+constexpr u32 PRODUCER_REGS = SPARSE ? 64 : 24;
+constexpr u32 CONSUMER_REGS = SPARSE ? 224 : 240;
+constexpr int FP8_RECORD = 656;                // V3.2 record: 512 e4m3, 4 fp32 scales, 64 bf16
 
 // Named barriers of the two consumers (0 is __syncthreads).
 constexpr u32 BAR_BOTH = 1;  // both consumers (request start)
@@ -59,7 +80,8 @@ constexpr int SMEM_K = SMEM_Q + TILE_BYTES;         // stage 0 (block A), stage 
 constexpr int SMEM_MAX = SMEM_K + 2 * TILE_BYTES;   // m_A[64], m_B[64]
 constexpr int SMEM_SUM = SMEM_MAX + 2 * BLOCK * 4;  // row sums [2 consumers][64]
 constexpr int SMEM_BARS = SMEM_SUM + 2 * BLOCK * 4;  // full[stage][half], empty[stage][half]
-constexpr int SMEM_END = SMEM_BARS + 8 * 8;
+constexpr int SMEM_VALID = SMEM_BARS + 8 * 8;        // sparse: valid flags [stage][64]
+constexpr int SMEM_END = SMEM_VALID + (SPARSE ? 2 * BLOCK : 0);
 constexpr int SMEM_BYTES = SMEM_END + 1024;  // + alignment slack
 static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's 227 KB per block");
 
@@ -72,23 +94,39 @@ DEV u32 half_boxes(int half) { return half == 0 ? LEFT_BOXES : BOXES - LEFT_BOXE
 }  // namespace
 
 struct DecodeParams {
-  TensorMap kv;  // 4-D (dim, kv head, token within page, page) over the cache; box 64x1x64x1
+  TensorMap kv;  // dense: 4-D (dim, kv head, token within page, page) over the cache; box 64x1x64x1
   const u16* q;
   u16* out;
   float* lse;
   float* o_acc;  // [slots, s_q, h_q, 512] fp32 partials of split requests
   float* lse_acc;
-  const int* block_table;
-  const int* lengths;
+  const int* block_table;  // sparse: indices [b, s_q, topk] (flat slots)
+  const int* lengths;      // dense: cache_seqlens; sparse: topk_length or null
   const int* metadata;
   const int* num_splits;
+  const u8* cache;    // sparse: the FP8 cache's bytes
+  const float* sink;  // sparse: attn_sink [h_q] or null
   i64 q_b, q_t, q_h;  // element strides
   i64 o_b, o_t, o_h;
   i64 l_b, l_t, l_h;
-  i64 table_b;
-  int num_pages, page, list_len, s_q, group, rows, h_q, causal;
+  i64 table_b;            // sparse: indices' request stride
+  i64 slot_t;             // sparse: indices' query-token stride
+  i64 page_stride;        // sparse: bytes between pages of the cache
+  int num_pages, page, list_len, s_q, group, rows, h_q, causal;  // list_len: sparse topk
   float scale_log2;
 };
+
+// Query row r of this CTA: its (token, head), false past the rows. Dense: rows of one KV head
+// (token-major, MTP included); sparse: the heads of query token blockIdx.y.
+DEV bool query_row(const DecodeParams& p, int r, int& t, int& h) {
+  const int row = blockIdx.x * BLOCK + r;
+  if (SPARSE) {
+    t = blockIdx.y, h = row;
+  } else {
+    t = row / p.group, h = blockIdx.y * p.group + row % p.group;
+  }
+  return row < p.rows;
+}
 
 // One CTA's part of the schedule, and the key blocks [lo, hi) of request `req` in it.
 struct Part {
@@ -99,6 +137,7 @@ struct Part {
     return {md[0], md[1], md[2], md[3], md[4], md[5], md[6]};
   }
   DEV int length(const DecodeParams& p, int req) const {
+    if (SPARSE) return p.lengths ? min(max(p.lengths[req], 0), p.list_len) : p.list_len;
     return min(max(p.lengths[req], 0), p.list_len * p.page);
   }
   DEV int lo(int req) const { return req == begin_req ? begin_blk : 0; }
@@ -130,29 +169,126 @@ DEV void for_each_pair(const DecodeParams& p, const Part& part, int req, F&& f) 
   for (int a = part.lo(req), hi = part.hi(p, req); a < hi; a += 2) f(a, a + 1 < hi);
 }
 
+// The producer's walk: `load(req, blk, stage, fill)` for every block, A of a pair into stage 0
+// and B into stage 1; `fill` counts the stage's fills so far (its barriers' phase).
+template <typename F>
+DEV void for_each_load(const DecodeParams& p, const Part& part, F&& load) {
+  int uses[2] = {0, 0};
+  for (int req = part.begin_req; req <= part.end_req; ++req)
+    for_each_pair(p, part, req, [&](int a, bool has_b) {
+      load(req, a, 0, uses[0]++);
+      if (has_b) load(req, a + 1, 1, uses[1]++);
+    });
+}
+
 DEV void producer(const DecodeParams& p, const Part& part, u32 k_smem, const Barriers& bars) {
   prefetch_tensor_map(&p.kv);
   const u64 policy = policy_evict_first();
   const int blocks_per_page = p.page / BLOCK;
-  int uses[2] = {0, 0};  // fills of stage 0 and 1 so far
-  auto load = [&](int req, int blk, int stage) {
+  for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     const int page = p.block_table[req * p.table_b + blk / blocks_per_page];
     const int token = (blk % blocks_per_page) * BLOCK;
     for (int half = 0; half < 2; ++half) {
-      mbar_wait(bars.empty(stage, half), (uses[stage] & 1) ^ 1);
+      mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
       mbar_arrive_expect(bars.full(stage, half), half_boxes(half) * BOX_BYTES);
       const int first = half == 0 ? 0 : LEFT_BOXES;
       for (int box = first; box < first + (int)half_boxes(half); ++box)
         tma_load_4d(k_smem + stage * TILE_BYTES + box * BOX_BYTES, &p.kv, box * 64, blockIdx.y,
                     token, page, bars.full(stage, half), policy);
     }
-    ++uses[stage];
-  };
-  for (int req = part.begin_req; req <= part.end_req; ++req)
-    for_each_pair(p, part, req, [&](int a, bool has_b) {
-      load(req, a, 0);
-      if (has_b) load(req, a + 1, 1);
-    });
+  });
+}
+
+// Sparse: the e4m3 bytes 0-1 (selector 0x1404) or 2-3 (0x3424) of `w` moved into the bit
+// positions of a bf16x2 (sign to sign, exponent and mantissa to the low exponent and top
+// mantissa bits): exactly 2^-120 times their values, subnormals included.
+DEV u32 e4m3x2_bits(u32 w, u32 selector) {
+  const u32 t = __byte_perm(w, 0, selector);
+  return (t & 0x80008000u) | ((t >> 4) & 0x07f007f0u);
+}
+
+DEV u32 mul_bf16x2(u32 a, u32 b) {
+  u32 d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+DEV void st_shared16(u32 addr, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d)
+               : "memory");
+}
+
+DEV uint4 load_nc(const u8* src) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
+}
+
+// Sparse producer (all 128 threads): thread 2n + half owns token n of each block; half 0
+// dequantizes NoPE dims 0-255 (boxes 0-3), half 1 dims 256-511 (boxes 4-7) and copies the RoPE
+// dims (box 8, by cp.async), so each half of the stage has 64 writers arriving on its full
+// barrier. With 64 registers a thread holds half its record at a time: the first half's loads
+// are issued before waiting for the stage (in flight while the consumers finish it).
+DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u8* valid,
+                         const Barriers& bars) {
+  const int n = threadIdx.x / 2, half = threadIdx.x % 2;
+  const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
+    const int pos = blk * BLOCK + n;
+    const int* list = p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
+    const int slot = pos < part.length(p, req) ? list[pos] : -1;
+    const bool ok = slot >= 0 && (i64)slot < (i64)p.num_pages * p.page;
+    const int page = ok ? slot / p.page : 0;
+    const u8* rec = p.cache + page * p.page_stride + (i64)(ok ? slot - page * p.page : 0) * FP8_RECORD;
+    const u8* nope = rec + 256 * half;
+    uint4 raw[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) raw[u] = ok ? load_nc(nope + 16 * u) : zero;
+    mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
+    const u32 row = tiles + stage * TILE_BYTES + n * 128;
+    auto at = [&](int box, int chunk) { return row + box * BOX_BYTES + ((chunk ^ (n % 8)) << 4); };
+    if (half == 1) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) cp_async16(at(P_BOX, u), rec + D_V + 16 + 16 * u, ok);
+      cp_async_commit();
+    } else {
+      valid[stage * BLOCK + n] = ok;
+    }
+#pragma unroll 1
+    for (int k = 0; k < 2; ++k) {  // the thread's two 128-dim scale tiles
+      if (k == 1) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) raw[u] = ok ? load_nc(nope + 128 + 16 * u) : zero;
+      }
+      const float scale = ok ? reinterpret_cast<const float*>(rec + D_V)[2 * half + k] : 0.f;
+      const u32 s16 = pack2(scale, 0.f);  // bf16(scale), as the reference rounds it
+      const float s = __uint_as_float(s16 << 16);
+      const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
+      const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int dim = 256 * half + 128 * k + 16 * u;
+        const u32 in[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {  // 8 dims (one 16-byte chunk) at a time
+          u32 o[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            o[j] = e4m3x2_bits(in[2 * q + j / 2], j % 2 ? 0x3424u : 0x1404u);
+            if (big) o[j] = mul_bf16x2(o[j], two_120);
+            o[j] = mul_bf16x2(o[j], c);
+          }
+          st_shared16(at(dim / 64, (dim % 64) / 8 + q), o[0], o[1], o[2], o[3]);
+        }
+      }
+    }
+    if (half == 1) cp_async_wait<0>();
+    fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
+    mbar_arrive(bars.full(stage, half));
+  });
 }
 
 // The accumulator fragments of P as wgmma A operands (k-slice k: columns 16k .. 16k + 15).
@@ -194,9 +330,28 @@ struct Consumer {
     fence_regs(s);
   }
 
-  // Scale and mask block `blk` of a request (length, invalid page, causal); returns the
-  // quad-reduced row maxima of the masked scores.
-  DEV void mask(float (&s)[32], float (&mx)[2], int req_length, int blk, const int* table) const {
+  // Scale and mask block `blk` of a request in `stage` (dense: length, invalid page, causal;
+  // sparse: the producer's valid flags); returns the quad-reduced row maxima of the masked
+  // scores.
+  DEV void mask(float (&s)[32], float (&mx)[2], int req_length, int blk, const int* table,
+                int stage) const {
+    if (SPARSE) {
+      const u8* valid = smem + SMEM_VALID + stage * BLOCK + 2 * t4;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = -F_INF;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& v = s[4 * j + 2 * i + e];
+            v = valid[8 * j + e] ? v * p.scale_log2 : -F_INF;
+            mx[i] = fmaxf(mx[i], v);
+          }
+        mx[i] = warp_max4(mx[i]);
+      }
+      return;
+    }
     const int page = table[blk / (p.page / BLOCK)];
     const int n_valid = min(BLOCK, req_length - blk * BLOCK);
     for (int i = 0; i < 2; ++i) {
@@ -309,10 +464,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   bool row_ok[2];
   for (int i = 0; i < 2; ++i) {
     self.row_local[i] = 16 * self.warp + self.lane / 4 + 8 * i;
-    const int r = blockIdx.x * BLOCK + self.row_local[i];
-    row_ok[i] = r < p.rows;
-    self.row_t[i] = r / p.group;
-    row_h[i] = blockIdx.y * p.group + r % p.group;
+    row_ok[i] = query_row(p, self.row_local[i], self.row_t[i], row_h[i]);
   }
   float* const max_a = reinterpret_cast<float*>(smem + SMEM_MAX);
   float* const max_b = max_a + BLOCK;
@@ -320,18 +472,27 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
 
   float o[128];  // O[:, 256c + 8j + 2 t4 + {0,1}] at o[4j + {0,1}] (row 0), o[4j + {2,3}] (row 1)
   float m[2], l[2];
-  auto start_request = [&](int req) {  // Q -> shared memory, statistics reset
-    named_barrier(BAR_BOTH, CONSUMERS);  // the previous request's Q readers are done
+  // Q of request `req` -> shared memory (cp.async; completed by start_request). Issued early,
+  // in the previous request's last pair once both consumers' Q K^T are done, it loads under
+  // that pair's P V and the epilogue.
+  int q_issued = -1;
+  auto issue_q = [&](int req) {
     for (int i = opaque(tid); i < BLOCK * BOXES * 8; i += CONSUMERS) {
       const int r = i / (BOXES * 8), chunk = i % (BOXES * 8);
-      const int row = blockIdx.x * BLOCK + r;
-      const bool ok = row < p.rows;
-      const int t = row / p.group, h = blockIdx.y * p.group + row % p.group;
+      int t, h;
+      const bool ok = query_row(p, r, t, h);
       const u16* src = ok ? p.q + req * p.q_b + t * p.q_t + h * p.q_h + chunk * 8 : p.q;
       cp_async16(self.q_smem + (chunk / 8) * BOX_BYTES + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
                  src, ok);
     }
     cp_async_commit();
+    q_issued = req;
+  };
+  auto start_request = [&](int req) {  // Q in shared memory, statistics reset
+    if (q_issued != req) {
+      named_barrier(BAR_BOTH, CONSUMERS);  // the previous request's Q readers are done
+      issue_q(req);
+    }
     cp_async_wait<0>();
     fence_async_smem();
     named_barrier(BAR_BOTH, CONSUMERS);
@@ -355,8 +516,10 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       if (!row_ok[i]) continue;
       const bool empty_row = l[i] == 0.f;
       const float lse2 = m[i] + __log2f(empty_row ? 1.f : l[i]);
-      const float f = empty_row ? 0.f : 1.f / l[i];
       const int t = self.row_t[i], h = row_h[i];
+      float f = empty_row ? 0.f : 1.f / l[i];
+      // The sink joins the normaliser of whole requests (the combine adds it to split ones).
+      if (SPARSE && !piece && !empty_row && p.sink) f /= 1.f + exp2f(p.sink[h] * LOG2E - lse2);
       if (c == 0 && self.t4 == 0) {
         if (piece) {
           p.lse_acc[((i64)slot * p.s_q + t) * p.h_q + h] = empty_row ? -F_INF : lse2;
@@ -384,11 +547,12 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   for_each_pair(p, part, req, [&](int a, bool has_b) {
     const int length = part.length(p, req);
     const int* table = p.block_table + req * p.table_b;
+    const bool last_pair = a + 2 >= part.hi(p, req);
     float s[32], mx[2], sum[2];
     u32 frag[4][4];
     if (c == 0) {  // left: block A
       self.scores(s, 0);
-      self.mask(s, mx, length, a, table);
+      self.mask(s, mx, length, a, table, 0);
       float m_a[2], alpha[2];
       for (int i = 0; i < 2; ++i) {
         m_a[i] = fmaxf(m[i], mx[i]);
@@ -396,7 +560,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
         if (self.t4 == 0) max_a[self.row_local[i]] = m_a[i];
       }
       named_barrier(BAR_MAX_A, CONSUMERS);
-      self.zero_tail(0, length, a);
+      if (!SPARSE) self.zero_tail(0, length, a);  // (sparse: the producer zeroes them)
       fence_async_smem();
       self.exponentiate(s, m_a, sum);
       scale_rows(o, alpha);
@@ -419,8 +583,10 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       self.release(0, 0);
       self.release(0, 1);
       scale_rows(o, beta);
+      if (has_b) self.pv_smem(o, 1, 1, 0);  // O_L += P_B V_B[:, left]
+      // Past BAR_P_B both consumers' Q K^T are done: the next Q may load (under this P V).
+      if (last_pair && req < part.end_req) issue_q(req + 1);
       if (has_b) {
-        self.pv_smem(o, 1, 1, 0);  // O_L += P_B V_B[:, left]
         wgmma_wait<0>();
         fence_regs(o);
         self.release(1, 0);
@@ -435,7 +601,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       float m_a[2], m_b[2], alpha[2];
       for (int i = 0; i < 2; ++i) m_a[i] = max_a[self.row_local[i]];
       if (has_b) {
-        self.mask(s, mx, length, a + 1, table);
+        self.mask(s, mx, length, a + 1, table, 1);
       } else {
         mx[0] = mx[1] = -F_INF;
       }
@@ -446,7 +612,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       }
       if (has_b) {
         self.exponentiate(s, m_b, sum);
-        self.zero_tail(1, length, a + 1);
+        if (!SPARSE) self.zero_tail(1, length, a + 1);
         to_frags(s, frag);
         const float one[2] = {1.f, 1.f};
         self.store_p(frag, one, 1);
@@ -463,6 +629,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       if (has_b) self.pv_regs(o, frag, 1, LEFT_BOXES);  // O_R += P_B V_B[:, right]
       named_barrier(BAR_P_A, CONSUMERS);
       self.pv_smem(o, 0, 0, LEFT_BOXES);  // O_R += P_A' V_A[:, right]
+      if (last_pair && req < part.end_req) issue_q(req + 1);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(frag);
@@ -489,17 +656,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < 2; ++stage)
       for (int half = 0; half < 2; ++half) {
-        mbar_init(bars.full(stage, half), 1);  // the producer's arrive (plus its bytes)
+        // dense: the producer's arrive (plus its bytes); sparse: the half's 64 writers
+        mbar_init(bars.full(stage, half), SPARSE ? 64 : 1);
         mbar_init(bars.empty(stage, half), empty_count(stage, half));
       }
     fence_barrier_init();
   }
   __syncthreads();
+  // (every value derived after the register reallocation: nothing lives across it)
   if (threadIdx.x < 128) {
-    regs_lower<24>();
+    regs_lower<PRODUCER_REGS>();
+#if SPARSE
+    u8* const aligned = smem + (base - smem_u32(smem));
+    producer_sparse(p, Part::of(p, blockIdx.z), base + SMEM_K, aligned + SMEM_VALID, bars);
+#else
     if (threadIdx.x == 0) producer(p, Part::of(p, blockIdx.z), base + SMEM_K, bars);
+#endif
   } else {
-    regs_raise<240>();  // (the schedule is read after: nothing lives across the reallocation)
-    consumer(p, Part::of(p, blockIdx.z), base, smem + (base - smem_u32(smem)), bars);
+    regs_raise<CONSUMER_REGS>();
+    u8* const aligned = smem + (base - smem_u32(smem));
+    consumer(p, Part::of(p, blockIdx.z), base, aligned, bars);
   }
 }
