@@ -190,7 +190,7 @@ def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tens
 
 def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
                    plan: DecodePlan) -> tuple[Launch, Launch]:  # fmt: skip
-    b, s_q, h_q, _d = q.shape
+    _b, s_q, h_q, _d = q.shape
     cache, indices, sink = p.k_cache, p.indices, p.attn_sink
     values = {
         "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
