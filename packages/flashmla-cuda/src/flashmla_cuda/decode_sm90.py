@@ -123,13 +123,20 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
         "scale_log2": p.softmax_scale * attention.LOG2E,
     }  # fmt: skip
-    k = kernel(build_for(q.dtype == torch.float16), "mla_decode_sm90", q.device)
+    build = build_for(q.dtype == torch.float16)
     grid = (-(-rows // BLOCK), h_kv, plan.schedule.metadata.shape[0])
-    decode = Launch.of(k, grid, THREADS, PARAMS, values, SMEM_BYTES)
+    return _run(build, grid, values, SMEM_BYTES, plan, out, lse, None)
+
+
+def _run(build: Build, grid: tuple[int, int, int], values: dict, smem: int, plan: DecodePlan,
+         out: Tensor, lse: Tensor, sink: Tensor | None) -> tuple[Launch, Launch]:  # fmt: skip
+    """Launch the decode kernel and the combine of its split requests; returns both launches."""
+    decode = Launch.of(kernel(build, "mla_decode_sm90", out.device), grid, THREADS, PARAMS,
+                       values, smem)  # fmt: skip
     decode.run()
     combine = splitkv.combine(
         o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits, out=out,
-        lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=None,
+        lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=sink,
     )  # fmt: skip
     return decode, combine
 
@@ -206,12 +213,5 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "s_q": s_q, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
         "scale_log2": p.softmax_scale * attention.LOG2E,
     }  # fmt: skip
-    k = kernel(build_for(False, True), "mla_decode_sm90", q.device)
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
-    decode = Launch.of(k, grid, THREADS, PARAMS, values, SPARSE_SMEM_BYTES)
-    decode.run()
-    combine = splitkv.combine(
-        o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits, out=out,
-        lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=sink,
-    )  # fmt: skip
-    return decode, combine
+    return _run(build_for(False, True), grid, values, SPARSE_SMEM_BYTES, plan, out, lse, sink)

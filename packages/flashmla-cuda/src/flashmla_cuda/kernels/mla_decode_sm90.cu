@@ -335,27 +335,12 @@ struct Consumer {
   // scores.
   DEV void mask(float (&s)[32], float (&mx)[2], int req_length, int blk, const int* table,
                 int stage) const {
-    if (SPARSE) {
-      const u8* valid = smem + SMEM_VALID + stage * BLOCK + 2 * t4;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = -F_INF;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& v = s[4 * j + 2 * i + e];
-            v = valid[8 * j + e] ? v * p.scale_log2 : -F_INF;
-            mx[i] = fmaxf(mx[i], v);
-          }
-        mx[i] = warp_max4(mx[i]);
-      }
-      return;
-    }
-    const int page = table[blk / (p.page / BLOCK)];
+    const u8* valid = smem + SMEM_VALID + stage * BLOCK + 2 * t4;  // (sparse)
+    const int page = SPARSE ? 0 : table[blk / (p.page / BLOCK)];
     const int n_valid = min(BLOCK, req_length - blk * BLOCK);
+#pragma unroll
     for (int i = 0; i < 2; ++i) {
-      int limit = page >= 0 && page < p.num_pages ? n_valid : 0;
+      int limit = page >= 0 && page < p.num_pages ? n_valid : 0;  // (dense)
       if (p.causal) limit = min(limit, req_length - p.s_q + row_t[i] - blk * BLOCK + 1);
       limit -= 2 * t4;
       mx[i] = -F_INF;
@@ -364,7 +349,8 @@ struct Consumer {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float& v = s[4 * j + 2 * i + e];
-          v = 8 * j + e < limit ? v * p.scale_log2 : -F_INF;
+          const bool keep = SPARSE ? valid[8 * j + e] != 0 : 8 * j + e < limit;
+          v = keep ? v * p.scale_log2 : -F_INF;
           mx[i] = fmaxf(mx[i], v);
         }
       mx[i] = warp_max4(mx[i]);
