@@ -129,7 +129,7 @@ def test_sm90_shared_memory_matches_the_kernel_layout():
     assert "static_assert(SMEM_BYTES <= 227 * 1024" in text
     assert decode_sm90.SMEM_BYTES <= 227 * 1024
     assert decode_sm90.SMEM_BYTES == 3 * 73728 + 512 + 512 + 64 + 1024
-    assert decode_sm90.SPARSE_SMEM_BYTES == decode_sm90.SMEM_BYTES + 128  # + valid flags
+    assert decode_sm90.SPARSE_SMEM_BYTES == decode_sm90.SMEM_BYTES + 8192 + 128  # staging, flags
     assert decode_sm90.SPARSE_SMEM_BYTES <= 227 * 1024
 
 

@@ -29,7 +29,8 @@ TILE = 64 * 576 * 2  # one Q tile or key block in shared memory
 # Q, two key stages, the two consumers' row maxima and sums, eight mbarriers, 1024 bytes of
 # alignment slack (the kernel traps if given less than its layout)
 SMEM_BYTES = 3 * TILE + 2 * 64 * 4 + 2 * 64 * 4 + 8 * 8 + 1024
-SPARSE_SMEM_BYTES = SMEM_BYTES + 2 * BLOCK  # + the valid flags of both stages
+# + a 4 KB FP8 staging slot per stage half and the valid flags of both stages
+SPARSE_SMEM_BYTES = SMEM_BYTES + 2 * BLOCK * 64 + 2 * BLOCK
 FP8_RECORD = 656  # bytes per token of the V3.2 cache
 
 PARAMS = struct_type(

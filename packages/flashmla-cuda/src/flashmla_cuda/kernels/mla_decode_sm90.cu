@@ -64,8 +64,8 @@ constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
 // Registers per thread after the reallocation (128 P + 256 C <= 65536): the dense producer is
 // one thread issuing copies; the sparse one dequantizes with loads in flight.
-constexpr u32 PRODUCER_REGS = SPARSE ? 64 : 24;
-constexpr u32 CONSUMER_REGS = SPARSE ? 224 : 240;
+constexpr u32 PRODUCER_REGS = SPARSE ? 32 : 24;
+constexpr u32 CONSUMER_REGS = 240;
 constexpr int FP8_RECORD = 656;                // V3.2 record: 512 e4m3, 4 fp32 scales, 64 bf16
 
 // Named barriers of the two consumers (0 is __syncthreads).
@@ -80,7 +80,10 @@ constexpr int SMEM_K = SMEM_Q + TILE_BYTES;         // stage 0 (block A), stage 
 constexpr int SMEM_MAX = SMEM_K + 2 * TILE_BYTES;   // m_A[64], m_B[64]
 constexpr int SMEM_SUM = SMEM_MAX + 2 * BLOCK * 4;  // row sums [2 consumers][64]
 constexpr int SMEM_BARS = SMEM_SUM + 2 * BLOCK * 4;  // full[stage][half], empty[stage][half]
-constexpr int SMEM_VALID = SMEM_BARS + 8 * 8;        // sparse: valid flags [stage][64]
+// Sparse only: a 4 KB raw FP8 staging slot per half of a stage, the valid flags [stage][64].
+constexpr int SMEM_STAGING = SMEM_BARS + 8 * 8;
+constexpr int STAGING_BYTES = BLOCK * 64;  // one 64-dim slice of the FP8 records of a block
+constexpr int SMEM_VALID = SMEM_STAGING + (SPARSE ? 2 * STAGING_BYTES : 0);
 constexpr int SMEM_END = SMEM_VALID + (SPARSE ? 2 * BLOCK : 0);
 constexpr int SMEM_BYTES = SMEM_END + 1024;  // + alignment slack
 static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's 227 KB per block");
@@ -226,66 +229,88 @@ DEV uint4 load_nc(const u8* src) {
   return v;
 }
 
-// Sparse producer (all 128 threads): thread 2n + half owns token n of each block; half 0
-// dequantizes NoPE dims 0-255 (boxes 0-3), half 1 dims 256-511 (boxes 4-7) and copies the RoPE
-// dims (box 8, by cp.async), so each half of the stage has 64 writers arriving on its full
-// barrier. With 64 registers a thread holds half its record at a time: the first half's loads
-// are issued before waiting for the stage (in flight while the consumers finish it).
-DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u8* valid,
-                         const Barriers& bars) {
-  const int n = threadIdx.x / 2, half = threadIdx.x % 2;
+// Sparse producer (all 128 threads). Warps 0-1 fill stage half 0 (NoPE dims 0-255, boxes 0-3),
+// warps 2-3 half 1 (dims 256-511, boxes 4-7, and the RoPE box 8); thread n of a half owns token
+// n of each block. The FP8 bytes land by cp.async inside the stage itself (no registers held
+// across the memory latency; 32 registers suffice, leaving 240 to the consumers): 64-dim slices
+// 0 and 1 of the records in the region of the half's box 3, slice 3 in the second half of box
+// 2's region, slice 2 in a 4 KB staging slot. Dequantizing box 0 and 1, then box 3, then box 2,
+// with a barrier of the half's 64 threads between, no box is written before its raw bytes are
+// read. The RoPE dims are copied straight into box 8.
+DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u32 staging,
+                         u32 valid, const Barriers& bars) {
+  const int n = threadIdx.x % 64, half = threadIdx.x / 64;
+  const u32 bar = 5 + half;  // named barrier of the half's two warps
   const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
-  const uint4 zero = make_uint4(0, 0, 0, 0);
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     const int pos = blk * BLOCK + n;
-    const int* list = p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
+    // (opaque: recomputed per block rather than kept across the pair in a spilled register)
+    const int* list = p.block_table + opaque(req) * p.table_b + blockIdx.y * p.slot_t;
     const int slot = pos < part.length(p, req) ? list[pos] : -1;
     const bool ok = slot >= 0 && (i64)slot < (i64)p.num_pages * p.page;
     const int page = ok ? slot / p.page : 0;
     const u8* rec = p.cache + page * p.page_stride + (i64)(ok ? slot - page * p.page : 0) * FP8_RECORD;
-    const u8* nope = rec + 256 * half;
-    uint4 raw[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) raw[u] = ok ? load_nc(nope + 16 * u) : zero;
+    const float2 scales = ok ? *reinterpret_cast<const float2*>(rec + D_V + 8 * half)
+                             : make_float2(0.f, 0.f);  // (tiles 2 half, 2 half + 1)
+    const u32 boxes = tiles + stage * TILE_BYTES + 4 * half * BOX_BYTES;  // the half's box 0
+    // (one slot per half: its threads finish a block before they start the next)
+    const u32 stage_slot = staging + half * STAGING_BYTES;
+    // Where 64-dim slice j of the records sits (token n at + 64 n).
+    auto raw_at = [&](int j) -> u32 {
+      return j < 2 ? boxes + 3 * BOX_BYTES + j * STAGING_BYTES
+                   : (j == 3 ? boxes + 2 * BOX_BYTES + STAGING_BYTES : stage_slot);
+    };
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
-    const u32 row = tiles + stage * TILE_BYTES + n * 128;
-    auto at = [&](int box, int chunk) { return row + box * BOX_BYTES + ((chunk ^ (n % 8)) << 4); };
-    if (half == 1) {
+    const u8* nope = rec + 256 * half;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) cp_async16(at(P_BOX, u), rec + D_V + 16 + 16 * u, ok);
-      cp_async_commit();
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok);
+    const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: no spill at 32 registers)
+    if (half == 1) {  // RoPE: 128 bytes straight into box 8 (swizzled)
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+        cp_async16(tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES + row + ((c ^ swz) << 4),
+                   rec + D_V + 16 + 16 * c, ok);
     } else {
-      valid[stage * BLOCK + n] = ok;
+      asm volatile("st.shared.u8 [%0], %1;" ::"r"(valid + stage * BLOCK + n), "r"((u32)ok) : "memory");
     }
-#pragma unroll 1
-    for (int k = 0; k < 2; ++k) {  // the thread's two 128-dim scale tiles
-      if (k == 1) {
-#pragma unroll
-        for (int u = 0; u < 8; ++u) raw[u] = ok ? load_nc(nope + 128 + 16 * u) : zero;
-      }
-      const float scale = ok ? reinterpret_cast<const float*>(rec + D_V)[2 * half + k] : 0.f;
+    cp_async_commit();
+    cp_async_wait<0>();
+    named_barrier(bar, 64);  // the whole half's bytes have landed
+    // Slice j of token n -> row n of box j: bf16(e4m3) * bf16(scale), 16 dims per step.
+    auto dequantize = [&](int j) {
+      const float scale = j < 2 ? scales.x : scales.y;
       const u32 s16 = pack2(scale, 0.f);  // bf16(scale), as the reference rounds it
       const float s = __uint_as_float(s16 << 16);
       const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
       const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int dim = 256 * half + 128 * k + 16 * u;
-        const u32 in[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+      for (int u = 0; u < 4; ++u) {
+        u32 w[4];
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                     : "r"(raw_at(j) + n * 64 + u * 16));
 #pragma unroll
         for (int q = 0; q < 2; ++q) {  // 8 dims (one 16-byte chunk) at a time
           u32 o[4];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            o[j] = e4m3x2_bits(in[2 * q + j / 2], j % 2 ? 0x3424u : 0x1404u);
-            if (big) o[j] = mul_bf16x2(o[j], two_120);
-            o[j] = mul_bf16x2(o[j], c);
+          for (int e = 0; e < 4; ++e) {
+            o[e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
+            if (big) o[e] = mul_bf16x2(o[e], two_120);
+            o[e] = mul_bf16x2(o[e], c);
           }
-          st_shared16(at(dim / 64, (dim % 64) / 8 + q), o[0], o[1], o[2], o[3]);
+          st_shared16(boxes + j * BOX_BYTES + row + (((2 * u + q) ^ swz) << 4), o[0], o[1], o[2],
+                      o[3]);
         }
       }
-    }
-    if (half == 1) cp_async_wait<0>();
+    };
+    dequantize(0);
+    dequantize(1);
+    named_barrier(bar, 64);  // box 3's region (slices 0 and 1) read by all
+    dequantize(3);
+    named_barrier(bar, 64);  // box 2's region (slice 3) read by all
+    dequantize(2);
     fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
     mbar_arrive(bars.full(stage, half));
   });
@@ -653,8 +678,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
 #if SPARSE
-    u8* const aligned = smem + (base - smem_u32(smem));
-    producer_sparse(p, Part::of(p, blockIdx.z), base + SMEM_K, aligned + SMEM_VALID, bars);
+    producer_sparse(p, Part::of(p, blockIdx.z), base + SMEM_K, base + SMEM_STAGING,
+                    base + SMEM_VALID, bars);
 #else
     if (threadIdx.x == 0) producer(p, Part::of(p, blockIdx.z), base + SMEM_K, bars);
 #endif
