@@ -129,8 +129,10 @@ def test_sm90_shared_memory_matches_the_kernel_layout():
     assert "static_assert(SMEM_BYTES <= 227 * 1024" in text
     assert decode_sm90.SMEM_BYTES <= 227 * 1024
     assert decode_sm90.SMEM_BYTES == 3 * 73728 + 512 + 512 + 64 + 1024
-    assert decode_sm90.SPARSE_SMEM_BYTES == decode_sm90.SMEM_BYTES + 8192 + 128  # staging, flags
-    assert decode_sm90.SPARSE_SMEM_BYTES <= 227 * 1024
+    sparse = decode_sm90.SPARSE_SMEM_BYTES
+    assert sparse[decode_sm90.FP8] == decode_sm90.SMEM_BYTES + 8192 + 128  # staging, flags
+    assert sparse[decode_sm90.ROWS] == decode_sm90.SMEM_BYTES + 128  # flags
+    assert max(sparse.values()) <= 227 * 1024
 
 
 def _e4m3x2_bits(w: int, selector: int) -> int:
@@ -302,3 +304,13 @@ def test_sm90_decode_relaunches_with_new_pointers_and_tensor_map(monkeypatch):
     }]  # fmt: skip
     assert combine.runs == [{"out": out1.data_ptr(), "lse": lse1.data_ptr(), "sink": 0}]
     assert out0.data_ptr() != out1.data_ptr() and isinstance(out1, torch.Tensor)
+
+
+@pytest.mark.parametrize("s_q,parts", [(1, 66), (10, 3), (4096, 66), (70000, 132)])
+def test_prefill_metadata_covers_every_query_token_once(s_q, parts):
+    """Sparse prefill's schedule: contiguous whole requests per part, none twice, none left."""
+    md = decode_sm90.prefill_metadata(s_q, parts, torch.device("cpu"))
+    assert md.shape[0] <= parts and md.shape[1] == 8
+    covered = torch.cat([torch.arange(int(b), int(e) + 1) for b, e in md[:, :2]])
+    assert torch.equal(covered, torch.arange(s_q))
+    assert (md[:, 2] == 0).all() and (md[:, 3] >= 1 << 30).all() and (md[:, 4:] == 0).all()

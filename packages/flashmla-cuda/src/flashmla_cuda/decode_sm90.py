@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flashmla.problems import DenseDecodeProblem, SparseDecodeProblem, row_groups
+from flashmla.formats import CacheFormat
+from flashmla.problems import (
+    DenseDecodeProblem,
+    SparseDecodeProblem,
+    SparsePrefillProblem,
+    row_groups,
+)
 from flashmla.scheduler import DecodePlan, dense_num_parts, device_sm_count, sparse_num_parts
 
 from . import attention, splitkv, tma
@@ -29,19 +35,19 @@ TILE = 64 * 576 * 2  # one Q tile or key block in shared memory
 # Q, two key stages, the two consumers' row maxima and sums, eight mbarriers, 1024 bytes of
 # alignment slack (the kernel traps if given less than its layout)
 SMEM_BYTES = 3 * TILE + 2 * 64 * 4 + 2 * 64 * 4 + 8 * 8 + 1024
-# + a 4 KB FP8 staging slot per stage half and the valid flags of both stages
-SPARSE_SMEM_BYTES = SMEM_BYTES + 2 * BLOCK * 64 + 2 * BLOCK
-FP8_RECORD = 656  # bytes per token of the V3.2 cache
+# Sparse builds: + the valid flags of both stages (FP8: + a 4 KB staging slot per stage half)
+SPARSE_SMEM_BYTES = {1: SMEM_BYTES + 2 * BLOCK * 64 + 2 * BLOCK, 2: SMEM_BYTES + 2 * BLOCK}
+FP8, ROWS = 1, 2  # the SPARSE builds: FP8 V3.2 records, bf16 rows
 
 PARAMS = struct_type(
     [("kv", TMAP)]
     + [(name, PTR) for name in (
         "q", "out", "lse", "o_acc", "lse_acc", "block_table", "lengths", "metadata", "num_splits",
-        "cache", "sink",
+        "cache", "sink", "max_logits",
     )]
     + [(name, I64) for name in (
         "q_b", "q_t", "q_h", "o_b", "o_t", "o_h", "l_b", "l_t", "l_h", "table_b", "slot_t",
-        "page_stride",
+        "page_stride", "row_stride",
     )]
     + [(name, I32) for name in (
         "num_pages", "page", "list_len", "s_q", "group", "rows", "h_q", "causal",
@@ -50,12 +56,14 @@ PARAMS = struct_type(
 )  # fmt: skip
 
 
-def build_for(fp16: bool, sparse: bool = False) -> Build:
+def build_for(fp16: bool, sparse: int = 0) -> Build:
     return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16, SPARSE=sparse)
 
 
 def builds(cc: tuple[int, int]) -> list[Build]:
-    return [build_for(False), build_for(True), build_for(False, True)] if cc == (9, 0) else []
+    if cc != (9, 0):
+        return []
+    return [build_for(False), build_for(True), build_for(False, FP8), build_for(False, ROWS)]
 
 
 def kv_tensor_map(cache: Tensor) -> bytes:
@@ -119,7 +127,8 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
         "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
-        "table_b": table.stride(0), "slot_t": 0, "page_stride": 0, "cache": 0, "sink": 0,
+        "table_b": table.stride(0), "slot_t": 0, "page_stride": 0, "row_stride": 0, "cache": 0,
+        "sink": 0, "max_logits": 0,
         "num_pages": p.k_cache.shape[0], "page": p.k_cache.shape[1], "list_len": table.shape[1],
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
         "scale_log2": p.softmax_scale * attention.LOG2E,
@@ -157,16 +166,21 @@ def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
     return DecodePlan.of(p.q, schedule)
 
 
-def _sparse_unaddressable(p: SparseDecodeProblem) -> str | None:
-    """Why the kernel cannot read these inputs as they are laid out (None: it can)."""
-    cache = p.k_cache
-    if cache.data_ptr() % 16 or (cache.stride(0) * cache.element_size()) % 16:
-        return "the cache's base and page stride must be multiples of 16 bytes"
-    if cache.stride(1) * cache.element_size() != FP8_RECORD or cache.stride(3) != 1:
-        return "the cache's tokens must be contiguous 656-byte records"
-    if p.indices.stride(2) != 1:
+def _unaddressable(cache: Tensor, indices: Tensor) -> str | None:
+    """Why the sparse kernels cannot read a cache ``[pages, page, 1, row]`` and index lists as
+    they are laid out (None: they can): rows are copied in 16-byte pieces."""
+    size = cache.element_size()
+    if cache.data_ptr() % 16 or any((st * size) % 16 for st in cache.stride()[:2]):
+        return "the cache's base, page and token strides must be multiples of 16 bytes"
+    if cache.stride(3) != 1:
+        return "the cache's rows must be contiguous"
+    if indices.stride(2) != 1:
         return "the indices' last dimension must be contiguous"
     return None
+
+
+def _sparse_unaddressable(p: SparseDecodeProblem) -> str | None:
+    return _unaddressable(p.k_cache, p.indices)
 
 
 def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
@@ -200,19 +214,73 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
                    plan: DecodePlan) -> tuple[Launch, Launch]:  # fmt: skip
     _b, s_q, h_q, _d = q.shape
     cache, indices, sink = p.k_cache, p.indices, p.attn_sink
+    build = FP8 if p.cache_format == CacheFormat.FP8_V32 else ROWS
     values = {
         "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
         "lse_acc": ptr(plan.lse_acc), "block_table": ptr(indices), "lengths": ptr(p.topk_length),
         "metadata": ptr(plan.schedule.metadata), "num_splits": ptr(plan.schedule.num_splits),
-        "cache": ptr(cache), "sink": ptr(sink),
+        "cache": ptr(cache), "sink": ptr(sink), "max_logits": 0,
         "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
         "table_b": indices.stride(0), "slot_t": indices.stride(1),
         "page_stride": cache.stride(0) * cache.element_size(),
+        "row_stride": cache.stride(1) * cache.element_size(),
         "num_pages": cache.shape[0], "page": cache.shape[1], "list_len": indices.shape[2],
         "s_q": s_q, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
         "scale_log2": p.softmax_scale * attention.LOG2E,
     }  # fmt: skip
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
-    return _run(build_for(False, True), grid, values, SPARSE_SMEM_BYTES, plan, out, lse, sink)
+    return _run(
+        build_for(False, build), grid, values, SPARSE_SMEM_BYTES[build], plan, out, lse, sink
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse prefill (bf16 kv, d_qk 576): the ROWS build with each query token a "request" of one
+# query row block over the kv rows (one-token pages), without split-KV.
+
+
+def prefill_metadata(s_q: int, parts: int, device: torch.device) -> Tensor:
+    """Schedule rows giving part i the whole requests [i k, (i + 1) k), k = ceil(s_q / parts):
+    ``[begin_req, end_req (inclusive), begin_blk 0, end_blk (no limit), 0, 0, 0, 0]``."""
+    k = -(-s_q // parts)
+    begin = torch.arange(0, s_q, k, dtype=torch.int32, device=device)
+    md = torch.zeros((begin.shape[0], 8), dtype=torch.int32, device=device)
+    md[:, 0] = begin
+    md[:, 1] = (begin + k).clamp(max=s_q) - 1
+    md[:, 3] = 1 << 30
+    return md
+
+
+def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
+    why = _unaddressable(p.kv.unsqueeze(1), p.indices)
+    if why is not None:
+        attention.warn_once(f"the SM90 sparse prefill kernel cannot read this input ({why}); "
+                            "running the portable kernel")  # fmt: skip
+        return attention.sparse_prefill(p)
+    out, max_logits, lse = p.empty_outputs()
+    s_q, h_q, _d = p.q.shape
+    with attention.on_device(p.q.device):
+        q = attention.aligned_queries(p.q)
+        md = prefill_metadata(s_q, max(device_sm_count(q.device) // (h_q // BLOCK), 1), q.device)
+        kv, indices = p.kv, p.indices
+        values = {
+            "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": 0,
+            "lse_acc": 0, "block_table": ptr(indices), "lengths": ptr(p.topk_length),
+            "metadata": ptr(md), "num_splits": ptr(md), "cache": ptr(kv), "sink": ptr(p.attn_sink),
+            "max_logits": ptr(max_logits),
+            "q_b": q.stride(0), "q_t": 0, "q_h": q.stride(1),
+            "o_b": out.stride(0), "o_t": 0, "o_h": out.stride(1),
+            "l_b": lse.stride(0), "l_t": 0, "l_h": lse.stride(1),
+            "table_b": indices.stride(0), "slot_t": 0,
+            "page_stride": kv.stride(0) * 2, "row_stride": kv.stride(0) * 2,
+            "num_pages": kv.shape[0], "page": 1, "list_len": indices.shape[2],
+            "s_q": 1, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
+            "scale_log2": p.sm_scale * attention.LOG2E,
+        }  # fmt: skip
+        grid = (h_q // BLOCK, 1, md.shape[0])
+        k = kernel(build_for(False, ROWS), "mla_decode_sm90", q.device)
+        Launch.of(k, grid, THREADS, PARAMS, values, SPARSE_SMEM_BYTES[ROWS]).run()
+    assert max_logits.stride() == lse.stride()  # the kernel writes both at lse's offsets
+    return out, max_logits, lse

@@ -43,7 +43,12 @@
 // included), and one bf16x2 multiply by scale * 2^120 finishes it, rounding as the reference's
 // bf16(fp8) * bf16(scale).
 //
-// Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE.
+// SPARSE=2 is the same over bf16 rows of 576 values: the producer copies each row into the
+// stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each query
+// token a one-token "request" over the kv rows, with max_logits written too).
+//
+// Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 V3.2 sparse,
+// 2 bf16 sparse).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -83,7 +88,7 @@ constexpr int SMEM_BARS = SMEM_SUM + 2 * BLOCK * 4;  // full[stage][half], empty
 // Sparse only: a 4 KB raw FP8 staging slot per half of a stage, the valid flags [stage][64].
 constexpr int SMEM_STAGING = SMEM_BARS + 8 * 8;
 constexpr int STAGING_BYTES = BLOCK * 64;  // one 64-dim slice of the FP8 records of a block
-constexpr int SMEM_VALID = SMEM_STAGING + (SPARSE ? 2 * STAGING_BYTES : 0);
+constexpr int SMEM_VALID = SMEM_STAGING + (SPARSE == 1 ? 2 * STAGING_BYTES : 0);
 constexpr int SMEM_END = SMEM_VALID + (SPARSE ? 2 * BLOCK : 0);
 constexpr int SMEM_BYTES = SMEM_END + 1024;  // + alignment slack
 static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's 227 KB per block");
@@ -107,14 +112,16 @@ struct DecodeParams {
   const int* lengths;      // dense: cache_seqlens; sparse: topk_length or null
   const int* metadata;
   const int* num_splits;
-  const u8* cache;    // sparse: the FP8 cache's bytes
-  const float* sink;  // sparse: attn_sink [h_q] or null
+  const u8* cache;         // sparse: the cache's bytes
+  const float* sink;       // sparse: attn_sink [h_q] or null
+  float* max_logits;       // sparse prefill: [s_q, h_q] (lse's strides), else null
   i64 q_b, q_t, q_h;  // element strides
   i64 o_b, o_t, o_h;
   i64 l_b, l_t, l_h;
   i64 table_b;            // sparse: indices' request stride
   i64 slot_t;             // sparse: indices' query-token stride
   i64 page_stride;        // sparse: bytes between pages of the cache
+  i64 row_stride;         // sparse: bytes between the tokens of a page
   int num_pages, page, list_len, s_q, group, rows, h_q, causal;  // list_len: sparse topk
   float scale_log2;
 };
@@ -229,6 +236,39 @@ DEV uint4 load_nc(const u8* src) {
   return v;
 }
 
+// Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
+// and ok = false, for -1, out-of-range and past-the-length entries).
+DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok) {
+  // (opaque: recomputed per block rather than kept across the pair in a spilled register)
+  const int* list = p.block_table + opaque(req) * p.table_b + blockIdx.y * p.slot_t;
+  const int slot = pos < part.length(p, req) ? list[pos] : -1;
+  ok = slot >= 0 && (i64)slot < (i64)p.num_pages * p.page;
+  const int page = ok ? slot / p.page : 0;
+  return p.cache + page * p.page_stride + (i64)(ok ? slot - page * p.page : 0) * p.row_stride;
+}
+
+// Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
+// 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async.
+DEV void producer_rows(const DecodeParams& p, const Part& part, u32 tiles, u32 valid,
+                       const Barriers& bars) {
+  const int n = threadIdx.x % 64, half = threadIdx.x / 64;
+  for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
+    bool ok;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok);
+    mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
+    const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
+#pragma unroll 1  // (not unrolled: fits 32 registers)
+    for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
+      cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
+    if (half == 0)
+      asm volatile("st.shared.u8 [%0], %1;" ::"r"(valid + stage * BLOCK + n), "r"((u32)ok) : "memory");
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();  // the copies, visible to the consumers' wgmma
+    mbar_arrive(bars.full(stage, half));
+  });
+}
+
 // Sparse producer (all 128 threads). Warps 0-1 fill stage half 0 (NoPE dims 0-255, boxes 0-3),
 // warps 2-3 half 1 (dims 256-511, boxes 4-7, and the RoPE box 8); thread n of a half owns token
 // n of each block. The FP8 bytes land by cp.async inside the stage itself (no registers held
@@ -243,13 +283,8 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u32
   const u32 bar = 5 + half;  // named barrier of the half's two warps
   const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
-    const int pos = blk * BLOCK + n;
-    // (opaque: recomputed per block rather than kept across the pair in a spilled register)
-    const int* list = p.block_table + opaque(req) * p.table_b + blockIdx.y * p.slot_t;
-    const int slot = pos < part.length(p, req) ? list[pos] : -1;
-    const bool ok = slot >= 0 && (i64)slot < (i64)p.num_pages * p.page;
-    const int page = ok ? slot / p.page : 0;
-    const u8* rec = p.cache + page * p.page_stride + (i64)(ok ? slot - page * p.page : 0) * FP8_RECORD;
+    bool ok;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok);
     const float2 scales = ok ? *reinterpret_cast<const float2*>(rec + D_V + 8 * half)
                              : make_float2(0.f, 0.f);  // (tiles 2 half, 2 half + 1)
     const u32 boxes = tiles + stage * TILE_BYTES + 4 * half * BOX_BYTES;  // the half's box 0
@@ -535,7 +570,9 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
         if (piece) {
           p.lse_acc[((i64)slot * p.s_q + t) * p.h_q + h] = empty_row ? -F_INF : lse2;
         } else {
-          p.lse[req * p.l_b + t * p.l_t + h * p.l_h] = empty_row ? F_INF : lse2 * LN2;
+          const i64 at = req * p.l_b + t * p.l_t + h * p.l_h;
+          p.lse[at] = empty_row ? F_INF : lse2 * LN2;
+          if (SPARSE && p.max_logits) p.max_logits[at] = empty_row ? -F_INF : m[i] * LN2;
         }
       }
       if (piece) {
@@ -677,9 +714,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   // (every value derived after the register reallocation: nothing lives across it)
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
-#if SPARSE
+#if SPARSE == 1
     producer_sparse(p, Part::of(p, blockIdx.z), base + SMEM_K, base + SMEM_STAGING,
                     base + SMEM_VALID, bars);
+#elif SPARSE == 2
+    producer_rows(p, Part::of(p, blockIdx.z), base + SMEM_K, base + SMEM_VALID, bars);
 #else
     if (threadIdx.x == 0) producer(p, Part::of(p, blockIdx.z), base + SMEM_K, bars);
 #endif
