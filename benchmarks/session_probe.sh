@@ -19,5 +19,6 @@ if [ -n "${AB:-}" ] && [ -f packages/flashmla-cuda/src/flashmla_cuda/kernels/ab_
   timeout 90 python3 benchmarks/sm90_ab.py ab_base.cu,mla_decode_sm90.cu D8,D9 2>&1 | grep "^1 " \
     | tee "$OUT/ab.log"
 fi
+timeout 60 python3 benchmarks/sm90_wip_check.py 2>&1 | grep -v Warn | tee "$OUT/wip_check.log"
 timeout "${BENCH_S:-200}" python3 -m flashmla bench ${1:+--shapes "$1"} --backends "$2" \
   --json "$OUT/bench.json" 2> "$OUT/bench.log" | tail -n 40
