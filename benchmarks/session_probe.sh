@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call for work in progress: parity of the cuda-sm90 backend (dense and sparse) and of
-# the combine on every backend (the D7-like case), per-kernel times, an optional A/B of the
-# dense kernel against a saved copy (AB=1 and kernels/ab_base.cu) and a bench. Logs under $OUT.
+# One GPU call for work in progress: parity of the cuda-sm90 backend (dense, and the sparse
+# kernels not yet dispatched by default) and of the combine on every backend (the D7-like
+# case), per-kernel times, an optional A/B of the dense kernel against a saved copy (AB=1 and
+# kernels/ab_base.cu) and a bench. Logs under $OUT.
 #   bash benchmarks/session_probe.sh SHAPES BACKENDS    (SHAPES empty: all shapes)
 # TEST_S / BENCH_S cap the test and bench minutes (seconds; default 200 each).
 set -uo pipefail
@@ -9,7 +10,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flashmla-out}
 mkdir -p "$OUT"
 eval "$(python3 benchmarks/intree_env.py)"
-export FLASHMLA_CUDA_CACHE=/tmp/fc PYTHONUNBUFFERED=1
+# the SM90 sparse kernels that have not passed the GPU suite yet take part (flashmla_cuda.sm90_spec)
+export FLASHMLA_CUDA_CACHE=/tmp/fc PYTHONUNBUFFERED=1 FLASHMLA_CUDA_SM90_UNVERIFIED=1
 nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader
 timeout "${TEST_S:-200}" python3 -m pytest tests -q -p no:cacheprovider -k "cuda-sm90 or 65536" 2>&1 \
   | tee "$OUT/pytest.log" | grep -E "FAILED|passed|failed|Error" | head -20
@@ -19,6 +21,5 @@ if [ -n "${AB:-}" ] && [ -f packages/flashmla-cuda/src/flashmla_cuda/kernels/ab_
   timeout 90 python3 benchmarks/sm90_ab.py ab_base.cu,mla_decode_sm90.cu D8,D9 2>&1 | grep "^1 " \
     | tee "$OUT/ab.log"
 fi
-timeout 60 python3 benchmarks/sm90_wip_check.py 2>&1 | grep -v Warn | tee "$OUT/wip_check.log"
 timeout "${BENCH_S:-200}" python3 -m flashmla bench ${1:+--shapes "$1"} --backends "$2" \
   --json "$OUT/bench.json" 2> "$OUT/bench.log" | tail -n 40

@@ -4,11 +4,13 @@ It is the implementation of the ``cuda-sm90`` backend (see :func:`flashmla_cuda.
 declares exactly what the kernels handle: compute capability 9.0 and
 - dense decode: bf16/fp16 caches with (d_qk, d_v) = (576, 512) and page blocks that are
   multiples of 64;
-- sparse decode (the ``SPARSE`` build): the FP8 V3.2 cache, h_q 64 or 128, attn_sink and
-  topk_length (no extra cache).
-Every other case falls through the registry to the next backend, with these reasons. A cache
-the kernel cannot address (misaligned base or strides) runs the portable kernel instead, with
-a one-time warning.
+- sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 or a bf16 cache, h_q 64 or 128,
+  attn_sink and topk_length (no extra cache);
+- sparse prefill (build 2): d_qk 576, h_q 64 or 128, attn_sink and topk_length.
+The sparse ones are declared only with ``FLASHMLA_CUDA_SM90_UNVERIFIED=1`` until they have
+passed the GPU suite. Every other case falls through the registry to the next backend, with
+these reasons. Inputs the kernels cannot address (misaligned base or strides) run the portable
+kernels instead, with a one-time warning.
 """
 
 from __future__ import annotations

@@ -48,11 +48,14 @@
 // token a one-token "request" over the kv rows, with max_logits written too).
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 V3.2 sparse,
-// 2 bf16 sparse).
+// 2 bf16 sparse), PREFETCH_Q.
 #include "sm90.cuh"
 
 #ifndef SPARSE
 #define SPARSE 0
+#endif
+#ifndef PREFETCH_Q  // load the next request's Q during the last pair of the current one
+#define PREFETCH_Q 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
 
 namespace {
@@ -71,7 +74,6 @@ constexpr int THREADS = 128 + CONSUMERS;
 // one thread issuing copies; the sparse one dequantizes with loads in flight.
 constexpr u32 PRODUCER_REGS = SPARSE ? 32 : 24;
 constexpr u32 CONSUMER_REGS = 240;
-constexpr int FP8_RECORD = 656;                // V3.2 record: 512 e4m3, 4 fp32 scales, 64 bf16
 
 // Named barriers of the two consumers (0 is __syncthreads).
 constexpr u32 BAR_BOTH = 1;  // both consumers (request start)
@@ -595,7 +597,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   for_each_pair(p, part, req, [&](int a, bool has_b) {
     const int length = part.length(p, req);
     const int* table = p.block_table + req * p.table_b;
-    const bool last_pair = a + 2 >= part.hi(p, req);
+    const bool prefetch_q = PREFETCH_Q && a + 2 >= part.hi(p, req) && req < part.end_req;
     float s[32], mx[2], sum[2];
     u32 frag[4][4];
     if (c == 0) {  // left: block A
@@ -633,7 +635,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       scale_rows(o, beta);
       if (has_b) self.pv_smem(o, 1, 1, 0);  // O_L += P_B V_B[:, left]
       // Past BAR_P_B both consumers' Q K^T are done: the next Q may load (under this P V).
-      if (last_pair && req < part.end_req) issue_q(req + 1);
+      if (prefetch_q) issue_q(req + 1);
       if (has_b) {
         wgmma_wait<0>();
         fence_regs(o);
@@ -677,7 +679,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       if (has_b) self.pv_regs(o, frag, 1, LEFT_BOXES);  // O_R += P_B V_B[:, right]
       named_barrier(BAR_P_A, CONSUMERS);
       self.pv_smem(o, 0, 0, LEFT_BOXES);  // O_R += P_A' V_A[:, right]
-      if (last_pair && req < part.end_req) issue_q(req + 1);
+      if (prefetch_q) issue_q(req + 1);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs(frag);
