@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for work in progress: parity of the cuda-sm90 backend (dense, and the sparse
 # kernels not yet dispatched by default) and of the combine on every backend (the D7-like
-# case), per-kernel times, an optional A/B of the dense kernel against a saved copy (AB=1 and
-# kernels/ab_base.cu) and a bench. Logs under $OUT.
+# case), per-kernel times, an optional A/B of dense kernel variants (AB=sources, as
+# benchmarks/sm90_ab.py takes them) and a bench. Logs under $OUT.
 #   bash benchmarks/session_probe.sh SHAPES BACKENDS    (SHAPES empty: all shapes)
 # TEST_S / BENCH_S cap the test and bench minutes (seconds; default 200 each).
 set -uo pipefail
@@ -17,9 +17,8 @@ timeout "${TEST_S:-200}" python3 -m pytest tests -q -p no:cacheprovider -k "cuda
   | tee "$OUT/pytest.log" | grep -E "FAILED|passed|failed|Error" | head -20
 timeout 60 python3 benchmarks/kernel_times.py D7,D9 cuda-sm90,triton,cuda 2>&1 | grep -v Warn \
   | tee "$OUT/kernel_times.log"
-if [ -n "${AB:-}" ] && [ -f packages/flashmla-cuda/src/flashmla_cuda/kernels/ab_base.cu ]; then
-  timeout 90 python3 benchmarks/sm90_ab.py ab_base.cu,mla_decode_sm90.cu D8,D9 2>&1 | grep "^1 " \
-    | tee "$OUT/ab.log"
+if [ -n "${AB:-}" ]; then  # e.g. AB=mla_decode_sm90.cu,mla_decode_sm90.cu:PREFETCH_Q=1
+  timeout 90 python3 benchmarks/sm90_ab.py "$AB" D8,D9 2>&1 | grep "^1 " | tee "$OUT/ab.log"
 fi
 timeout "${BENCH_S:-200}" python3 -m flashmla bench ${1:+--shapes "$1"} --backends "$2" \
   --json "$OUT/bench.json" 2> "$OUT/bench.log" | tail -n 40

@@ -1,8 +1,9 @@
 """A/B two or more sources of the SM90 decode kernel in one process (same GPU, same clocks: the
 only fair way to compare variants a few percent apart). Copy a variant next to the kernel under
-``kernels/`` first:
+``kernels/`` first, or give defines after a colon:
 
     python benchmarks/sm90_ab.py mla_decode_sm90.cu,variant.cu D1,D2,D5
+    python benchmarks/sm90_ab.py mla_decode_sm90.cu,mla_decode_sm90.cu:PREFETCH_Q=1 D8,D9
 
 Times are eager ``do_bench`` medians of the API call, metadata included, so short shapes read
 higher than in ``flashmla bench``; compare rows with each other, not with that table."""
@@ -24,8 +25,10 @@ def main() -> None:
     sources, shape_ids = sys.argv[1].split(","), sys.argv[2].split(",")
     for repeat in range(2):
         for source in sources:
-            decode_sm90.build_for = lambda fp16, source=source: compiler.Build.of(
-                source, DTYPE_FP16=fp16
+            name, _, spec = source.partition(":")
+            defines = {k: int(v) for k, v in (d.split("=") for d in spec.split("+") if d)}
+            decode_sm90.build_for = lambda fp16, sparse=0, name=name, defines=defines: (
+                compiler.Build.of(name, DTYPE_FP16=fp16, SPARSE=sparse, **defines)
             )
             for shape_id in shape_ids:
                 shape = next(s for s in SHAPES if s.id == shape_id)
