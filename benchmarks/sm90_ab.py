@@ -4,6 +4,7 @@ only fair way to compare variants a few percent apart). Copy a variant next to t
 
     python benchmarks/sm90_ab.py mla_decode_sm90.cu,variant.cu D1,D2,D5
     python benchmarks/sm90_ab.py mla_decode_sm90.cu,mla_decode_sm90.cu:PREFETCH_Q=1 D8,D9
+    python benchmarks/sm90_ab.py mla_decode_sm90.cu,mla_decode_sm90.cu:CLUSTER=1 D1,D2,D8
 
 Times are eager ``do_bench`` medians of the API call, metadata included, so short shapes read
 higher than in ``flashmla bench``; compare rows with each other, not with that table."""
@@ -27,9 +28,12 @@ def main() -> None:
         for source in sources:
             name, _, spec = source.partition(":")
             defines = {k: int(v) for k, v in (d.split("=") for d in spec.split("+") if d)}
-            decode_sm90.build_for = lambda fp16, sparse=0, name=name, defines=defines: (
-                compiler.Build.of(name, DTYPE_FP16=fp16, SPARSE=sparse, **defines)
-            )
+
+            def build_for(fp16, sparse=0, cluster=False, name=name, defines=defines):
+                base = {"DTYPE_FP16": fp16, "SPARSE": sparse, "CLUSTER": cluster}
+                return compiler.Build.of(name, **{**base, **defines})
+
+            decode_sm90.build_for = build_for
             for shape_id in shape_ids:
                 shape = next(s for s in SHAPES if s.id == shape_id)
                 call = runner._call(shape, shape.inputs(torch.device("cuda")))

@@ -59,13 +59,19 @@ def spec():
     )
 
 
+def unverified_enabled() -> bool:
+    """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED=1`` asks for the SM90 kernels that have not yet
+    passed the GPU suite (sparse decode and prefill, dense 2-CTA clusters)."""
+    import os
+
+    return os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED") == "1"
+
+
 def sm90_spec(unverified: bool | None = None):
     """The ``cuda-sm90`` backend. ``unverified=True`` (default: the environment variable
     ``FLASHMLA_CUDA_SM90_UNVERIFIED=1``) also declares the sparse kernels that compile but have
     not yet passed the GPU parity suite (FP8 V3.2 and bf16 sparse decode, sparse prefill;
     ``packages/flashmla-cuda/NOTES-sm90.md``). Otherwise the registry never dispatches to them."""
-    import os
-
     import torch
 
     from flashmla.formats import CacheFormat
@@ -79,7 +85,7 @@ def sm90_spec(unverified: bool | None = None):
     )  # fmt: skip
     ops = {"dense_decode": decode}
     if unverified is None:
-        unverified = os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED") == "1"
+        unverified = unverified_enabled()
     if unverified:
         heads = frozenset({64, 128})
         ops["sparse_decode"] = OpSupport(

@@ -27,7 +27,7 @@ from flashmla.problems import (
 )
 from flashmla.scheduler import DecodePlan, dense_num_parts, device_sm_count, sparse_num_parts
 
-from . import attention, splitkv, tma
+from . import attention, splitkv, tma, unverified_enabled
 from .compiler import Build
 from .launch import F32, I32, I64, PTR, TMAP, Launch, kernel, ptr, struct_type
 
@@ -58,14 +58,16 @@ PARAMS = struct_type(
 )  # fmt: skip
 
 
-def build_for(fp16: bool, sparse: int = 0) -> Build:
-    return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16, SPARSE=sparse)
+def build_for(fp16: bool, sparse: int = 0, cluster: bool = False) -> Build:
+    extra = {"CLUSTER": 1} if cluster else {}  # (2-CTA clusters: dense, an even grid.x)
+    return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16, SPARSE=sparse, **extra)
 
 
 def builds(cc: tuple[int, int]) -> list[Build]:
     if cc != (9, 0):
         return []
-    return [build_for(False), build_for(True), build_for(False, FP8), build_for(False, ROWS)]
+    dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
+    return [*dense, build_for(False, FP8), build_for(False, ROWS)]
 
 
 def kv_tensor_map(cache: Tensor) -> bytes:
@@ -135,8 +137,11 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
         "scale_log2": p.softmax_scale * attention.LOG2E,
     }  # fmt: skip
-    build = build_for(q.dtype == torch.float16)
     grid = (-(-rows // BLOCK), h_kv, plan.schedule.metadata.shape[0])
+    # 2-CTA clusters (the two row tiles of the same keys share their loads) wait for the GPU
+    # suite like the sparse kernels (flashmla_cuda.sm90_spec)
+    cluster = grid[0] % 2 == 0 and unverified_enabled()
+    build = build_for(q.dtype == torch.float16, cluster=cluster)
     return _run(build, grid, values, SMEM_BYTES, plan, out, lse, None)
 
 

@@ -48,7 +48,10 @@
 // token a one-token "request" over the kv rows, with max_logits written too).
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 V3.2 sparse,
-// 2 bf16 sparse), PREFETCH_Q.
+// 2 bf16 sparse), PREFETCH_Q, CLUSTER (dense only: the two CTAs of a cluster stack the two
+// 64-row tiles of the same keys; each producer loads half the boxes of every block and
+// multicasts them into both CTAs, so each SM pulls half the key bytes from L2; a stage is
+// refilled once the consumers of both CTAs have released it).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -57,6 +60,10 @@
 #ifndef PREFETCH_Q  // load the next request's Q during the last pair of the current one
 #define PREFETCH_Q 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
+#ifndef CLUSTER  // dense: 2-CTA clusters over the two 64-row tiles of the same keys (grid.x even)
+#define CLUSTER 0  // (off until measured on a GPU: NOTES-sm90.md)
+#endif
+static_assert(!(CLUSTER && SPARSE), "clusters are for the dense build");
 
 namespace {
 
@@ -70,9 +77,9 @@ constexpr int LEFT_BOXES = 4;                  // boxes [0, 4): V columns 0-255;
 constexpr int P_BOX = BOXES - 1;               // RoPE box: the handed-over P tile after Q K^T
 constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
-// Registers per thread after the reallocation (128 P + 256 C <= 65536): the dense producer is
-// one thread issuing copies; the sparse one dequantizes with loads in flight.
-constexpr u32 PRODUCER_REGS = SPARSE ? 32 : 24;
+// Registers per thread after the reallocation (128 P + 256 C = 65536): the consumers need 240
+// (128 accumulators, the scores and P fragments).
+constexpr u32 PRODUCER_REGS = 32;
 constexpr u32 CONSUMER_REGS = 240;
 
 // Named barriers of the two consumers (0 is __syncthreads).
@@ -97,7 +104,9 @@ static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's 227 KB per block");
 
 // Readers of each half (one arrive per warp of each reading consumer): A's left half only the
 // left consumer (S_A, P_A V_A); A's right half and both of B's, both consumers.
-DEV u32 empty_count(int stage, int half) { return stage == 0 && half == 0 ? 4 : 8; }
+DEV u32 empty_count(int stage, int half) {
+  return (stage == 0 && half == 0 ? 4 : 8) * (CLUSTER ? 2 : 1);  // (both CTAs' readers)
+}
 
 DEV u32 half_boxes(int half) { return half == 0 ? LEFT_BOXES : BOXES - LEFT_BOXES; }
 
@@ -197,16 +206,23 @@ DEV void producer(const DecodeParams& p, const Part& part, u32 k_smem, const Bar
   prefetch_tensor_map(&p.kv);
   const u64 policy = policy_evict_first();
   const int blocks_per_page = p.page / BLOCK;
+  const int rank = CLUSTER ? cluster_rank() : 0;
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     const int page = p.block_table[req * p.table_b + blk / blocks_per_page];
     const int token = (blk % blocks_per_page) * BLOCK;
     for (int half = 0; half < 2; ++half) {
       mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
+      // (with clusters the half's bytes arrive from both producers: each expects them all)
       mbar_arrive_expect(bars.full(stage, half), half_boxes(half) * BOX_BYTES);
       const int first = half == 0 ? 0 : LEFT_BOXES;
-      for (int box = first; box < first + (int)half_boxes(half); ++box)
-        tma_load_4d(k_smem + stage * TILE_BYTES + box * BOX_BYTES, &p.kv, box * 64, blockIdx.y,
-                    token, page, bars.full(stage, half), policy);
+      for (int box = first; box < first + (int)half_boxes(half); ++box) {
+        const u32 dst = k_smem + stage * TILE_BYTES + box * BOX_BYTES;
+        if (!CLUSTER)
+          tma_load_4d(dst, &p.kv, box * 64, blockIdx.y, token, page, bars.full(stage, half), policy);
+        else if (box % 2 == rank)  // this CTA's share, into both CTAs
+          tma_load_4d_multicast(dst, &p.kv, box * 64, blockIdx.y, token, page,
+                                bars.full(stage, half), 0x3, policy);
+      }
     }
   });
 }
@@ -483,7 +499,10 @@ struct Consumer {
   }
 
   DEV void release(int stage, int half) const {
-    if (lane == 0) mbar_arrive(bars.empty(stage, half));
+    if (lane != 0) return;
+    mbar_arrive(bars.empty(stage, half));
+    // the peer's producer multicasts into this CTA too
+    if (CLUSTER) mbar_arrive_cluster(bars.empty(stage, half), cluster_rank() ^ 1);
   }
 };
 
@@ -693,7 +712,13 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+#if CLUSTER
+#define CLUSTER_DIMS __cluster_dims__(2, 1, 1)
+#else
+#define CLUSTER_DIMS
+#endif
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
     mla_decode_sm90(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(1024) u8 smem[];
   const u32 base = (smem_u32(smem) + 1023) & ~1023u;
@@ -712,7 +737,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       }
     fence_barrier_init();
   }
-  __syncthreads();
+  if (CLUSTER) {
+    cluster_sync();  // the peer's barriers are initialised before anything lands or arrives
+  } else {
+    __syncthreads();
+  }
   // (every value derived after the register reallocation: nothing lives across it)
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
@@ -729,4 +758,5 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     u8* const aligned = smem + (base - smem_u32(smem));
     consumer(p, Part::of(p, blockIdx.z), base, aligned, bars);
   }
+  if (CLUSTER) cluster_sync();  // no CTA leaves while its peer may still write to it
 }

@@ -61,6 +61,18 @@ DEV void tma_load_4d(u32 dst, const TensorMap* map, int c0, int c1, int c2, int 
       : "memory");
 }
 
+// The same box multicast: it lands at `dst` and completes on `bar` (same offsets) in every CTA of
+// the cluster named in `cta_mask`.
+DEV void tma_load_4d_multicast(u32 dst, const TensorMap* map, int c0, int c1, int c2, int c3,
+                               u32 bar, u16 cta_mask, u64 policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster.L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7, %8;" ::"r"(dst),
+      "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask),
+      "l"(policy)
+      : "memory");
+}
+
 DEV void prefetch_tensor_map(const TensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<u64>(map)) : "memory");
 }
@@ -70,6 +82,30 @@ DEV u64 policy_evict_first() {
   u64 policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   return policy;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clusters
+
+DEV u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// Every thread of every CTA of the cluster (and the CTA's own threads) meet here.
+DEV void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" :::
+                   "memory");
+}
+
+// Arrive on the mbarrier at shared address `bar` of cluster CTA `rank` (this one's or a peer's).
+DEV void mbar_arrive_cluster(u32 bar, u32 rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}" ::"r"(bar),
+      "r"(rank)
+      : "memory");
 }
 
 // ---------------------------------------------------------------------------------------------
