@@ -243,7 +243,9 @@ def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok, monkeyp
 
     monkeypatch.delenv("FLASHMLA_CUDA_SM90_UNVERIFIED", raising=False)
     assert "sparse_decode" not in sm90_spec().ops
-    monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", "1")
+    monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", "cluster")
+    assert "sparse_decode" not in sm90_spec().ops
+    monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", "cluster,sparse")
     sparse = sm90_spec().ops["sparse_decode"]
     d_qk = 512 if fmt == "fp8_model1" else 576
     facts = Facts(

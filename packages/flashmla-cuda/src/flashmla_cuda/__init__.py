@@ -59,19 +59,22 @@ def spec():
     )
 
 
-def unverified_enabled() -> bool:
-    """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED=1`` asks for the SM90 kernels that have not yet
-    passed the GPU suite (sparse decode and prefill, dense 2-CTA clusters)."""
+def unverified_enabled(kind: str) -> bool:
+    """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for SM90 kernels of ``kind`` that have not
+    yet passed the GPU suite: ``sparse`` (sparse decode and prefill) or ``cluster`` (dense 2-CTA
+    clusters). The variable lists kinds (``sparse,cluster``) or is ``1`` for all."""
     import os
 
-    return os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED") == "1"
+    wanted = os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED", "").split(",")
+    return "1" in wanted or kind in wanted
 
 
 def sm90_spec(unverified: bool | None = None):
-    """The ``cuda-sm90`` backend. ``unverified=True`` (default: the environment variable
-    ``FLASHMLA_CUDA_SM90_UNVERIFIED=1``) also declares the sparse kernels that compile but have
-    not yet passed the GPU parity suite (FP8 V3.2 and bf16 sparse decode, sparse prefill;
-    ``packages/flashmla-cuda/NOTES-sm90.md``). Otherwise the registry never dispatches to them."""
+    """The ``cuda-sm90`` backend. ``unverified=True`` (by default: when
+    ``FLASHMLA_CUDA_SM90_UNVERIFIED`` names ``sparse``, see :func:`unverified_enabled`) also
+    declares the sparse kernels that compile but have not yet passed the GPU parity suite (FP8
+    V3.2 and bf16 sparse decode, sparse prefill; ``packages/flashmla-cuda/NOTES-sm90.md``).
+    Otherwise the registry never dispatches to them."""
     import torch
 
     from flashmla.formats import CacheFormat
@@ -85,7 +88,7 @@ def sm90_spec(unverified: bool | None = None):
     )  # fmt: skip
     ops = {"dense_decode": decode}
     if unverified is None:
-        unverified = unverified_enabled()
+        unverified = unverified_enabled("sparse")
     if unverified:
         heads = frozenset({64, 128})
         ops["sparse_decode"] = OpSupport(
