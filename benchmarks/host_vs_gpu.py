@@ -13,35 +13,26 @@ import time
 import torch
 from triton.testing import do_bench
 
-import flashmla
 from flashmla.bench import runner
-from flashmla.bench.shapes import SHAPES
 
 
 def main() -> None:
-    dev = torch.device("cuda")
-    for shape_id in sys.argv[1].split(","):
-        shape = next(s for s in SHAPES if s.id == shape_id)
-        inputs = shape.inputs(dev)
-        for backend in sys.argv[2].split(","):
-            with flashmla.use_backend(backend):
-                inputs["tile_scheduler_metadata"] = flashmla.get_mla_metadata()[0]
-                call = runner._call(shape, inputs)
-                eager = do_bench(call, warmup=30, rep=200, return_mode="median") * 1e3
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(200):
-                    call()
-                host = (time.perf_counter() - start) / 200 * 1e6
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    call()
-                replay = do_bench(graph.replay, warmup=30, rep=200, return_mode="median") * 1e3
-            print(
-                f"{shape_id} {backend:7s} eager {eager:8.1f} us  host {host:7.1f} us  "
-                f"graph {replay:8.1f} us"
-            )
+    for shape_id, backend, call in runner.each_call(sys.argv[1], sys.argv[2], torch.device("cuda")):
+        eager = do_bench(call, warmup=30, rep=200, return_mode="median") * 1e3
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            call()
+        host = (time.perf_counter() - start) / 200 * 1e6
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        replay = do_bench(graph.replay, warmup=30, rep=200, return_mode="median") * 1e3
+        print(
+            f"{shape_id} {backend:7s} eager {eager:8.1f} us  host {host:7.1f} us  "
+            f"graph {replay:8.1f} us"
+        )
 
 
 if __name__ == "__main__":

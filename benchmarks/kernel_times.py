@@ -13,37 +13,27 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
-import flashmla
 from flashmla.bench import runner
-from flashmla.bench.shapes import SHAPES
 
 CALLS = 20
 
 
 def main() -> None:
-    dev = torch.device("cuda")
-    for shape_id in sys.argv[1].split(","):
-        shape = next(s for s in SHAPES if s.id == shape_id)
-        inputs = shape.inputs(dev)
-        for backend in sys.argv[2].split(","):
-            with flashmla.use_backend(backend):
-                if shape.op == "decode":
-                    inputs["tile_scheduler_metadata"] = flashmla.get_mla_metadata()[0]
-                call = runner._call(shape, inputs)
-                eager = do_bench(call, warmup=30, rep=100, return_mode="median") * 1e3
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(CALLS):
-                        call()
-                    torch.cuda.synchronize()
-            per_kernel: dict[str, float] = defaultdict(float)
-            for event in prof.events():
-                if event.device_type == torch.autograd.DeviceType.CUDA:
-                    per_kernel[event.name[:60]] += event.device_time / CALLS
-            total = sum(per_kernel.values())
-            print(f"{shape_id} {backend}: eager {eager:.1f} us, kernels {total:.1f} us")
-            for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
-                print(f"    {us:8.1f} us  {name}")
+    for shape_id, backend, call in runner.each_call(sys.argv[1], sys.argv[2], torch.device("cuda")):
+        eager = do_bench(call, warmup=30, rep=100, return_mode="median") * 1e3
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(CALLS):
+                call()
+            torch.cuda.synchronize()
+        per_kernel: dict[str, float] = defaultdict(float)
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[event.name[:60]] += event.device_time / CALLS
+        total = sum(per_kernel.values())
+        print(f"{shape_id} {backend}: eager {eager:.1f} us, kernels {total:.1f} us")
+        for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+            print(f"    {us:8.1f} us  {name}")
 
 
 if __name__ == "__main__":

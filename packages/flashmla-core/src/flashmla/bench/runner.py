@@ -9,7 +9,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -120,6 +120,23 @@ def _call(shape: Shape, inputs: dict[str, Any]) -> Callable[[], Any]:
         return out
 
     return train
+
+
+def each_call(
+    shape_ids: str, backends: str, device: torch.device
+) -> Iterator[tuple[str, str, Callable[[], Any]]]:
+    """``(shape id, backend, call)`` for comma-separated shape ids and backend names (for the
+    measuring scripts under ``benchmarks/``): each call runs the shape's op on fresh inputs under
+    that backend, decode with a schedule of its own. Run it before advancing the iterator (the
+    backend is forced only until then)."""
+    for shape_id in shape_ids.split(","):
+        shape = next(s for s in SHAPES if s.id == shape_id)
+        inputs = shape.inputs(device)
+        for backend in backends.split(","):
+            with use_backend(backend):
+                if shape.op == "decode":
+                    inputs["tile_scheduler_metadata"] = api.get_mla_metadata()[0]
+                yield shape_id, backend, _call(shape, inputs)
 
 
 def _sdpa_call(shape: Shape, inputs: dict[str, Any]) -> Callable[[], Any]:
