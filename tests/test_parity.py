@@ -125,6 +125,10 @@ SPARSE_GPU = [
     dict(b=321, s_q=1, h_q=128, topk=2048, s_k=4096, attn_sink=True),
     dict(b=8, s_q=2, h_q=64, topk=512, s_k=650, page_block_size=53, zero_length_frac=0.5, attn_sink=True),
     dict(b=16, s_q=2, h_q=128, topk=1024, s_k=4096, cache_format="bf16", contiguous=False),
+    # MODEL1 without the extra cache (the cases above all have one)
+    dict(b=32, s_q=2, h_q=128, topk=1024, s_k=4096, cache_format="fp8_model1", topk_length=True,
+         attn_sink=True),
+    dict(b=16, s_q=1, h_q=64, topk=576, s_k=2000, cache_format="fp8_model1", page_block_size=61),
 ]  # fmt: skip
 
 

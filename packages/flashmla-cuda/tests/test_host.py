@@ -229,8 +229,9 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
 @pytest.mark.parametrize(
     "fmt,h_q,features,ok",
     [("fp8_v32", 128, {"attn_sink", "topk_length", "mtp"}, True), ("fp8_v32", 64, set(), True),
-     ("fp8_v32", 32, set(), False), ("fp8_model1", 128, set(), False), ("bf16", 128, set(), True),
-     ("fp8_v32", 128, {"extra_cache"}, False)],
+     ("fp8_v32", 32, set(), False), ("fp8_model1", 128, {"topk_length"}, True),
+     ("bf16", 128, set(), True), ("fp8_v32", 128, {"extra_cache"}, False),
+     ("fp8_model1", 64, {"extra_cache"}, False)],
 )  # fmt: skip
 def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok, monkeypatch):
     """What the (not yet dispatched) sparse kernels handle; the entry point's spec leaves them
@@ -248,6 +249,11 @@ def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok, monkeyp
     monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", "cluster,sparse")
     sparse = sm90_spec().ops["sparse_decode"]
     d_qk = 512 if fmt == "fp8_model1" else 576
+    bf16_512 = Facts(
+        "sparse_decode", torch.device("cpu"), torch.bfloat16, CacheFormat("bf16"), (512, 512),
+        128, 1, 2, 64, 2048, frozenset(),
+    )  # fmt: skip
+    assert any("576" in r for r in sparse.reasons(bf16_512))
     facts = Facts(
         "sparse_decode", torch.device("cpu"), torch.bfloat16, CacheFormat(fmt), (d_qk, 512),
         h_q, 1, 2, 64, 2048, frozenset(features),

@@ -4,8 +4,8 @@ It is the implementation of the ``cuda-sm90`` backend (see :func:`flashmla_cuda.
 declares exactly what the kernels handle: compute capability 9.0 and
 - dense decode: bf16/fp16 caches with (d_qk, d_v) = (576, 512) and page blocks that are
   multiples of 64;
-- sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 or a bf16 cache, h_q 64 or 128,
-  attn_sink and topk_length (no extra cache);
+- sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576)
+  cache, h_q 64 or 128, attn_sink and topk_length (no extra cache);
 - sparse prefill (build 2): d_qk 576, h_q 64 or 128, attn_sink and topk_length.
 The sparse ones (and the dense 2-CTA cluster build) are used only when
 ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them (:func:`flashmla_cuda.unverified_enabled`),
@@ -59,8 +59,10 @@ PARAMS = struct_type(
 )  # fmt: skip
 
 
-def build_for(fp16: bool, sparse: int = 0, cluster: bool = False) -> Build:
+def build_for(fp16: bool, sparse: int = 0, cluster: bool = False, model1: bool = False) -> Build:
     extra = {"CLUSTER": 1} if cluster else {}  # (2-CTA clusters: dense, an even grid.x)
+    if model1:  # the FP8 build over the MODEL1 layout
+        extra["MODEL1"] = 1
     return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16, SPARSE=sparse, **extra)
 
 
@@ -68,7 +70,12 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     if cc != (9, 0):
         return []
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
-    return [*dense, build_for(False, FP8), build_for(False, ROWS)]
+    return [
+        *dense,
+        build_for(False, FP8),
+        build_for(False, FP8, model1=True),
+        build_for(False, ROWS),
+    ]
 
 
 def kv_tensor_map(cache: Tensor) -> bytes:
@@ -174,11 +181,13 @@ def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
     return DecodePlan.of(p.q, schedule)
 
 
-def _unaddressable(cache: Tensor, indices: Tensor) -> str | None:
+def _unaddressable(cache: Tensor, indices: Tensor, planar: bool = False) -> str | None:
     """Why the sparse kernels cannot read a cache ``[pages, page, 1, row]`` and index lists as
-    they are laid out (None: they can): rows are copied in 16-byte pieces."""
+    they are laid out (None: they can): rows are copied in 16-byte pieces. ``planar``: the
+    MODEL1 layout, whose token rows are 576 bytes apart whatever the view says."""
     size = cache.element_size()
-    if cache.data_ptr() % 16 or any((st * size) % 16 for st in cache.stride()[:2]):
+    strides = cache.stride()[: 1 if planar else 2]
+    if cache.data_ptr() % 16 or any((st * size) % 16 for st in strides):
         return "the cache's base, page and token strides must be multiples of 16 bytes"
     if cache.stride(3) != 1:
         return "the cache's rows must be contiguous"
@@ -188,7 +197,7 @@ def _unaddressable(cache: Tensor, indices: Tensor) -> str | None:
 
 
 def _sparse_unaddressable(p: SparseDecodeProblem) -> str | None:
-    return _unaddressable(p.k_cache, p.indices)
+    return _unaddressable(p.k_cache, p.indices, p.cache_format == CacheFormat.FP8_MODEL1)
 
 
 def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
@@ -222,7 +231,8 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
                    plan: DecodePlan) -> tuple[Launch, Launch]:  # fmt: skip
     _b, s_q, h_q, _d = q.shape
     cache, indices, sink = p.k_cache, p.indices, p.attn_sink
-    build = FP8 if p.cache_format == CacheFormat.FP8_V32 else ROWS
+    model1 = p.cache_format == CacheFormat.FP8_MODEL1
+    build = ROWS if p.cache_format == CacheFormat.BF16 else FP8
     values = {
         "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
         "lse_acc": ptr(plan.lse_acc), "block_table": ptr(indices), "lengths": ptr(p.topk_length),
@@ -233,15 +243,16 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
         "table_b": indices.stride(0), "slot_t": indices.stride(1),
         "page_stride": cache.stride(0) * cache.element_size(),
-        "row_stride": cache.stride(1) * cache.element_size(),
+        "row_stride": 576 if model1 else cache.stride(1) * cache.element_size(),
         "num_pages": cache.shape[0], "page": cache.shape[1], "list_len": indices.shape[2],
         "s_q": s_q, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
         "scale_log2": p.softmax_scale * attention.LOG2E,
     }  # fmt: skip
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
     return _run(
-        build_for(False, build), grid, values, SPARSE_SMEM_BYTES[build], plan, out, lse, sink
-    )
+        build_for(False, build, model1=model1), grid, values, SPARSE_SMEM_BYTES[build], plan, out,
+        lse, sink,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

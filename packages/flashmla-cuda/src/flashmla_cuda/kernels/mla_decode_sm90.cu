@@ -43,12 +43,15 @@
 // included), and one bf16x2 multiply by scale * 2^120 finishes it, rounding as the reference's
 // bf16(fp8) * bf16(scale).
 //
+// MODEL1=1 (with SPARSE=1) reads the MODEL1 layout instead: d_qk 512 (448 FP8 NoPE dims with a
+// UE8M0 scale per 64, 64 bf16 RoPE dims, V = all 512), the scales after the page's records.
+//
 // SPARSE=2 is the same over bf16 rows of 576 values: the producer copies each row into the
 // stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each query
 // token a one-token "request" over the kv rows, with max_logits written too).
 //
-// Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 V3.2 sparse,
-// 2 bf16 sparse), PREFETCH_Q, CLUSTER (dense only: the two CTAs of a cluster stack the two
+// Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
+// 2 bf16 sparse), MODEL1, PREFETCH_Q, CLUSTER (dense only: the two CTAs of a cluster stack the two
 // 64-row tiles of the same keys; each producer loads half the boxes of every block and
 // multicasts them into both CTAs, so each SM pulls half the key bytes from L2; a stage is
 // refilled once the consumers of both CTAs have released it).
@@ -60,6 +63,10 @@
 #ifndef PREFETCH_Q  // load the next request's Q during the last pair of the current one
 #define PREFETCH_Q 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
+#ifndef MODEL1  // SPARSE=1 over the MODEL1 layout (d_qk 512, 584-byte block-planar records)
+#define MODEL1 0
+#endif
+static_assert(!MODEL1 || SPARSE == 1, "MODEL1 is an FP8 sparse layout");
 #ifndef CLUSTER  // dense: 2-CTA clusters over the two 64-row tiles of the same keys (grid.x even)
 #define CLUSTER 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
@@ -67,14 +74,14 @@ static_assert(!(CLUSTER && SPARSE), "clusters are for the dense build");
 
 namespace {
 
-constexpr int D_QK = 576;
+constexpr int D_QK = MODEL1 ? 512 : 576;
 constexpr int D_V = 512;
 constexpr int BLOCK = 64;                      // query rows per CTA, tokens per key block
-constexpr int BOXES = D_QK / 64;               // TMA boxes per key block (64 dims each)
+constexpr int BOXES = D_QK / 64;               // 64-dim boxes of a key row (9, MODEL1 8)
 constexpr int BOX_BYTES = BLOCK * 128;         // 64 rows of 64 16-bit values
-constexpr int TILE_BYTES = BOXES * BOX_BYTES;  // one Q tile or one key block: 73728
+constexpr int TILE_BYTES = 9 * BOX_BYTES;      // one Q tile or one key block: 73728
 constexpr int LEFT_BOXES = 4;                  // boxes [0, 4): V columns 0-255; [4, 9) the rest
-constexpr int P_BOX = BOXES - 1;               // RoPE box: the handed-over P tile after Q K^T
+constexpr int P_BOX = 8;  // the handed-over P tile: the RoPE box after Q K^T (MODEL1: spare)
 constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
 // Registers per thread after the reallocation (128 P + 256 C = 65536): the consumers need 240
@@ -256,13 +263,15 @@ DEV uint4 load_nc(const u8* src) {
 
 // Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
 // and ok = false, for -1, out-of-range and past-the-length entries).
-DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok) {
+DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok,
+                           int& row) {
   // (opaque: recomputed per block rather than kept across the pair in a spilled register)
   const int* list = p.block_table + opaque(req) * p.table_b + blockIdx.y * p.slot_t;
   const int slot = pos < part.length(p, req) ? list[pos] : -1;
   ok = slot >= 0 && (i64)slot < (i64)p.num_pages * p.page;
   const int page = ok ? slot / p.page : 0;
-  return p.cache + page * p.page_stride + (i64)(ok ? slot - page * p.page : 0) * p.row_stride;
+  row = ok ? slot - page * p.page : 0;
+  return p.cache + page * p.page_stride + (i64)row * p.row_stride;
 }
 
 // Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
@@ -272,7 +281,8 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 tiles, u32 v
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok);
+    int in_page;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, in_page);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
 #pragma unroll 1  // (not unrolled: fits 32 registers)
@@ -288,43 +298,55 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 tiles, u32 v
 }
 
 // Sparse producer (all 128 threads). Warps 0-1 fill stage half 0 (NoPE dims 0-255, boxes 0-3),
-// warps 2-3 half 1 (dims 256-511, boxes 4-7, and the RoPE box 8); thread n of a half owns token
-// n of each block. The FP8 bytes land by cp.async inside the stage itself (no registers held
-// across the memory latency; 32 registers suffice, leaving 240 to the consumers): 64-dim slices
-// 0 and 1 of the records in the region of the half's box 3, slice 3 in the second half of box
-// 2's region, slice 2 in a 4 KB staging slot. Dequantizing box 0 and 1, then box 3, then box 2,
-// with a barrier of the half's 64 threads between, no box is written before its raw bytes are
-// read. The RoPE dims are copied straight into box 8.
-DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u32 staging,
-                         u32 valid, const Barriers& bars) {
+// warps 2-3 half 1 (V3.2: dims 256-511, boxes 4-7, and RoPE box 8; MODEL1: dims 256-447,
+// boxes 4-6, and RoPE box 7); thread n of a half owns token n of each block. The FP8 bytes land
+// by cp.async inside the stage itself (no registers held across the memory latency; 32
+// registers suffice, leaving 240 to the consumers). With S slices of 64 dims in a half: slices
+// 0 and 1 of the records go to the region of the half's box S-1, slice 3 (S = 4) to the second
+// half of box 2's region, slice 2 to a 4 KB staging slot. Dequantizing boxes 0 and 1, then box 3
+// (S = 4), then box 2, with a barrier of the half's 64 threads between, no box is written before
+// its raw bytes are read. The RoPE dims are copied straight into their box.
+DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
+  // (every address from `base`: one register for all of them)
+  const u32 tiles = base + SMEM_K, staging = base + SMEM_STAGING, valid = base + SMEM_VALID;
+  const Barriers bars{base + SMEM_BARS};
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
+  const int slices = MODEL1 && half == 1 ? 3 : 4;
   const u32 bar = 5 + half;  // named barrier of the half's two warps
   const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok);
-    const float2 scales = ok ? *reinterpret_cast<const float2*>(rec + D_V + 8 * half)
-                             : make_float2(0.f, 0.f);  // (tiles 2 half, 2 half + 1)
+    int in_page;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, in_page);
+    // Scales of the half's slices: V3.2 2 fp32 (one per 128 dims), MODEL1 UE8M0 bytes (one per
+    // 64 dims) after the page's 576-byte token records.
+    const u8* scale_at = MODEL1 ? rec + (i64)(p.page - in_page) * 576 + in_page * 8 + 4 * half
+                                : rec + D_V + 8 * half;
+    const uint2 scales = ok ? (MODEL1 ? make_uint2(*reinterpret_cast<const u32*>(scale_at), 0)
+                                      : *reinterpret_cast<const uint2*>(scale_at))
+                            : make_uint2(0, 0);
     const u32 boxes = tiles + stage * TILE_BYTES + 4 * half * BOX_BYTES;  // the half's box 0
     // (one slot per half: its threads finish a block before they start the next)
     const u32 stage_slot = staging + half * STAGING_BYTES;
     // Where 64-dim slice j of the records sits (token n at + 64 n).
     auto raw_at = [&](int j) -> u32 {
-      return j < 2 ? boxes + 3 * BOX_BYTES + j * STAGING_BYTES
+      return j < 2 ? boxes + (slices - 1) * BOX_BYTES + j * STAGING_BYTES
                    : (j == 3 ? boxes + 2 * BOX_BYTES + STAGING_BYTES : stage_slot);
     };
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     const u8* nope = rec + 256 * half;
 #pragma unroll
     for (int j = 0; j < 4; ++j)
+      if (j < slices)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok);
+        for (int c = 0; c < 4; ++c)
+          cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok);
     const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: no spill at 32 registers)
-    if (half == 1) {  // RoPE: 128 bytes straight into box 8 (swizzled)
+    if (half == 1) {  // RoPE: 128 bytes straight into its box (swizzled)
+      const u32 rope = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES + row;
 #pragma unroll
       for (int c = 0; c < 8; ++c)
-        cp_async16(tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES + row + ((c ^ swz) << 4),
-                   rec + D_V + 16 + 16 * c, ok);
+        cp_async16(rope + ((c ^ swz) << 4), rec + (MODEL1 ? 448 : D_V + 16) + 16 * c, ok);
     } else {
       asm volatile("st.shared.u8 [%0], %1;" ::"r"(valid + stage * BLOCK + n), "r"((u32)ok) : "memory");
     }
@@ -333,12 +355,13 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u32
     named_barrier(bar, 64);  // the whole half's bytes have landed
     // Slice j of token n -> row n of box j: bf16(e4m3) * bf16(scale), 16 dims per step.
     auto dequantize = [&](int j) {
-      const float scale = j < 2 ? scales.x : scales.y;
-      const u32 s16 = pack2(scale, 0.f);  // bf16(scale), as the reference rounds it
+      // bf16(scale), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
+      const u32 s16 = MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
+                             : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
       const float s = __uint_as_float(s16 << 16);
       const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
       const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
-#pragma unroll
+#pragma unroll(MODEL1 ? 1 : 4)  // (MODEL1's longer scale and layout math: fewer registers)
       for (int u = 0; u < 4; ++u) {
         u32 w[4];
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -360,9 +383,11 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 tiles, u32
     };
     dequantize(0);
     dequantize(1);
-    named_barrier(bar, 64);  // box 3's region (slices 0 and 1) read by all
-    dequantize(3);
-    named_barrier(bar, 64);  // box 2's region (slice 3) read by all
+    named_barrier(bar, 64);  // box S-1's region (slices 0 and 1) read by all
+    if (slices == 4) {
+      dequantize(3);
+      named_barrier(bar, 64);  // box 2's region (slice 3) read by all
+    }
     dequantize(2);
     fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
     mbar_arrive(bars.full(stage, half));
@@ -746,8 +771,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
 #if SPARSE == 1
-    producer_sparse(p, Part::of(p, blockIdx.z), base + SMEM_K, base + SMEM_STAGING,
-                    base + SMEM_VALID, bars);
+    producer_sparse(p, Part::of(p, blockIdx.z), base);
 #elif SPARSE == 2
     producer_rows(p, Part::of(p, blockIdx.z), base + SMEM_K, base + SMEM_VALID, bars);
 #else
