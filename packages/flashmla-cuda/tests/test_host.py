@@ -230,8 +230,8 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
     "fmt,h_q,features,ok",
     [("fp8_v32", 128, {"attn_sink", "topk_length", "mtp"}, True), ("fp8_v32", 64, set(), True),
      ("fp8_v32", 32, set(), False), ("fp8_model1", 128, {"topk_length"}, True),
-     ("bf16", 128, set(), True), ("fp8_v32", 128, {"extra_cache"}, False),
-     ("fp8_model1", 64, {"extra_cache"}, False)],
+     ("bf16", 128, set(), True), ("fp8_v32", 128, {"extra_cache"}, True),
+     ("fp8_model1", 64, {"extra_cache", "extra_topk_length"}, True), ("fp8_v32", 96, set(), False)],
 )  # fmt: skip
 def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok, monkeypatch):
     """What the (not yet dispatched) sparse kernels handle; the entry point's spec leaves them

@@ -104,7 +104,8 @@ def sm90_spec(unverified: bool | None = None):
             arch="sm_90a",
             cache_formats=frozenset({CacheFormat.FP8_V32, CacheFormat.FP8_MODEL1, CacheFormat.BF16}),
             head_dims=frozenset({(576, 512), (512, 512)}), h_q=heads,
-            features=frozenset({"mtp", "attn_sink", "topk_length"}), check=_sm90_sparse_rows,
+            features=frozenset({"mtp", "attn_sink", "topk_length", "extra_cache", "extra_topk_length"}),
+            check=_sm90_sparse_rows,
         )  # fmt: skip
         ops["sparse_prefill"] = OpSupport(
             arch="sm_90a", head_dims=frozenset({(576, 512)}), h_q=heads,

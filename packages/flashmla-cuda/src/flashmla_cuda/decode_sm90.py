@@ -5,7 +5,7 @@ declares exactly what the kernels handle: compute capability 9.0 and
 - dense decode: bf16/fp16 caches with (d_qk, d_v) = (576, 512) and page blocks that are
   multiples of 64;
 - sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576)
-  cache, h_q 64 or 128, attn_sink and topk_length (no extra cache);
+  cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576, h_q 64 or 128, attn_sink and topk_length.
 The sparse ones (and the dense 2-CTA cluster build) are used only when
 ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them (:func:`flashmla_cuda.unverified_enabled`),
@@ -40,20 +40,25 @@ TILE = 64 * 576 * 2  # one Q tile or key block in shared memory
 SMEM_BYTES = 3 * TILE + 2 * 64 * 4 + 2 * 64 * 4 + 8 * 8 + 1024
 # Sparse builds: + the valid flags of both stages (FP8: + a 4 KB staging slot per stage half)
 SPARSE_SMEM_BYTES = {1: SMEM_BYTES + 2 * BLOCK * 64 + 2 * BLOCK, 2: SMEM_BYTES + 2 * BLOCK}
-FP8, ROWS = 1, 2  # the SPARSE builds: FP8 V3.2 records, bf16 rows
+FP8, ROWS = 1, 2  # the SPARSE builds: FP8 records, bf16 rows
+NO_EXTRA = dict.fromkeys((
+    "cache2", "list2", "lengths2", "slot2_b", "slot2_t", "page_stride2", "row_stride2",
+    "num_pages2", "page2", "list_len2",
+), 0)  # fmt: skip
 
 PARAMS = struct_type(
     [("kv", TMAP)]
     + [(name, PTR) for name in (
         "q", "out", "lse", "o_acc", "lse_acc", "block_table", "lengths", "metadata", "num_splits",
-        "cache", "sink", "max_logits",
+        "cache", "cache2", "list2", "lengths2", "sink", "max_logits",
     )]
     + [(name, I64) for name in (
         "q_b", "q_t", "q_h", "o_b", "o_t", "o_h", "l_b", "l_t", "l_h", "table_b", "slot_t",
-        "page_stride", "row_stride",
+        "page_stride", "row_stride", "slot2_b", "slot2_t", "page_stride2", "row_stride2",
     )]
     + [(name, I32) for name in (
-        "num_pages", "page", "list_len", "s_q", "group", "rows", "h_q", "causal",
+        "num_pages", "page", "list_len", "s_q", "group", "rows", "h_q", "causal", "num_pages2",
+        "page2", "list_len2",
     )]
     + [("scale_log2", F32)]
 )  # fmt: skip
@@ -140,7 +145,7 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
         "table_b": table.stride(0), "slot_t": 0, "page_stride": 0, "row_stride": 0, "cache": 0,
-        "sink": 0, "max_logits": 0,
+        "sink": 0, "max_logits": 0, **NO_EXTRA,
         "num_pages": p.k_cache.shape[0], "page": p.k_cache.shape[1], "list_len": table.shape[1],
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
         "scale_log2": p.softmax_scale * attention.LOG2E,
@@ -174,9 +179,12 @@ def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
     if p.schedule is not None:
         return DecodePlan.of(p.q, p.schedule)
     b, s_q, h_q, _ = p.q.shape
+    extra = p.extra_indices
     schedule = splitkv.schedule(
         b=b, num_parts=sparse_num_parts(device_sm_count(p.q.device), s_q, h_q),
         device=p.q.device, topk=p.indices.shape[2], topk_length=p.topk_length,
+        extra_topk=None if extra is None else extra.shape[2],
+        extra_topk_length=p.extra_topk_length,
     )  # fmt: skip
     return DecodePlan.of(p.q, schedule)
 
@@ -197,7 +205,11 @@ def _unaddressable(cache: Tensor, indices: Tensor, planar: bool = False) -> str 
 
 
 def _sparse_unaddressable(p: SparseDecodeProblem) -> str | None:
-    return _unaddressable(p.k_cache, p.indices, p.cache_format == CacheFormat.FP8_MODEL1)
+    planar = p.cache_format == CacheFormat.FP8_MODEL1
+    why = _unaddressable(p.k_cache, p.indices, planar)
+    if why is None and p.extra_k_cache is not None:
+        why = _unaddressable(p.extra_k_cache, p.extra_indices, planar)
+    return why
 
 
 def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tensor, Tensor]:
@@ -210,21 +222,37 @@ def sparse_decode(p: SparseDecodeProblem, plan: DecodePlan | None) -> tuple[Tens
     with attention.on_device(p.q.device):
         plan = plan if plan is not None else plan_sparse_decode(p)
         q = attention.aligned_queries(p.q)
+        extra = (p.extra_k_cache, p.extra_indices, p.extra_topk_length)
         key = (
             "sm90-sparse", attention.layout(q), attention.layout(p.k_cache),
             attention.layout(p.indices), attention.layout(p.topk_length),
-            attention.layout(p.attn_sink), p.softmax_scale,
+            attention.layout(p.attn_sink), p.softmax_scale, *map(attention.layout, extra),
         )  # fmt: skip
         pointers = {
             "q": q.data_ptr(), "out": out.data_ptr(), "lse": lse.data_ptr(),
             "cache": p.k_cache.data_ptr(), "block_table": p.indices.data_ptr(),
-            "lengths": 0 if p.topk_length is None else p.topk_length.data_ptr(),
-            "sink": 0 if p.attn_sink is None else p.attn_sink.data_ptr(),
+            "lengths": ptr(p.topk_length), "sink": ptr(p.attn_sink),
+            "cache2": ptr(extra[0]), "list2": ptr(extra[1]), "lengths2": ptr(extra[2]),
         }  # fmt: skip
         attention.relaunch(
             plan, key, pointers, lambda: (_launch_sparse(p, q, out, lse, plan), q is p.q)
         )
     return out, lse
+
+
+def _extra_values(p: SparseDecodeProblem, model1: bool) -> dict[str, int]:
+    """The extra cache's fields of the parameter struct (zeros without one)."""
+    cache, indices = p.extra_k_cache, p.extra_indices
+    if cache is None:
+        return NO_EXTRA
+    size = cache.element_size()
+    return {
+        "cache2": ptr(cache), "list2": ptr(indices), "lengths2": ptr(p.extra_topk_length),
+        "slot2_b": indices.stride(0), "slot2_t": indices.stride(1),
+        "page_stride2": cache.stride(0) * size,
+        "row_stride2": 576 if model1 else cache.stride(1) * size,
+        "num_pages2": cache.shape[0], "page2": cache.shape[1], "list_len2": indices.shape[2],
+    }  # fmt: skip
 
 
 def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
@@ -237,7 +265,7 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
         "lse_acc": ptr(plan.lse_acc), "block_table": ptr(indices), "lengths": ptr(p.topk_length),
         "metadata": ptr(plan.schedule.metadata), "num_splits": ptr(plan.schedule.num_splits),
-        "cache": ptr(cache), "sink": ptr(sink), "max_logits": 0,
+        "cache": ptr(cache), "sink": ptr(sink), "max_logits": 0, **_extra_values(p, model1),
         "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
@@ -288,7 +316,7 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
             "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": 0,
             "lse_acc": 0, "block_table": ptr(indices), "lengths": ptr(p.topk_length),
             "metadata": ptr(md), "num_splits": ptr(md), "cache": ptr(kv), "sink": ptr(p.attn_sink),
-            "max_logits": ptr(max_logits),
+            "max_logits": ptr(max_logits), **NO_EXTRA,
             "q_b": q.stride(0), "q_t": 0, "q_h": q.stride(1),
             "o_b": out.stride(0), "o_t": 0, "o_h": out.stride(1),
             "l_b": lse.stride(0), "l_t": 0, "l_h": lse.stride(1),

@@ -131,6 +131,9 @@ struct DecodeParams {
   const int* metadata;
   const int* num_splits;
   const u8* cache;         // sparse: the cache's bytes
+  const u8* cache2;        // sparse: the extra cache's bytes, or null
+  const int* list2;        // sparse: extra indices [b, s_q, extra_topk]
+  const int* lengths2;     // sparse: extra_topk_length [b] or null
   const float* sink;       // sparse: attn_sink [h_q] or null
   float* max_logits;       // sparse prefill: [s_q, h_q] (lse's strides), else null
   i64 q_b, q_t, q_h;  // element strides
@@ -140,7 +143,9 @@ struct DecodeParams {
   i64 slot_t;             // sparse: indices' query-token stride
   i64 page_stride;        // sparse: bytes between pages of the cache
   i64 row_stride;         // sparse: bytes between the tokens of a page
+  i64 slot2_b, slot2_t, page_stride2, row_stride2;  // the same for the extra cache
   int num_pages, page, list_len, s_q, group, rows, h_q, causal;  // list_len: sparse topk
+  int num_pages2, page2, list_len2;                              // (the extra cache)
   float scale_log2;
 };
 
@@ -164,13 +169,24 @@ struct Part {
     const int* md = p.metadata + part * 8;
     return {md[0], md[1], md[2], md[3], md[4], md[5], md[6]};
   }
+  // Dense: the request's tokens; sparse: the entries of its (main) index list.
   DEV int length(const DecodeParams& p, int req) const {
     if (SPARSE) return p.lengths ? min(max(p.lengths[req], 0), p.list_len) : p.list_len;
     return min(max(p.lengths[req], 0), p.list_len * p.page);
   }
+  // Sparse with an extra cache: the blocks of the main list (at least one, as the schedule
+  // counts them) and the entries of the extra list, whose blocks follow.
+  DEV int main_blocks(const DecodeParams& p, int req) const {
+    return (max(length(p, req), 1) + BLOCK - 1) / BLOCK;
+  }
+  DEV int extra_length(const DecodeParams& p, int req) const {
+    return p.lengths2 ? min(max(p.lengths2[req], 0), p.list_len2) : p.list_len2;
+  }
   DEV int lo(int req) const { return req == begin_req ? begin_blk : 0; }
   DEV int hi(const DecodeParams& p, int req) const {
-    const int blocks = (length(p, req) + BLOCK - 1) / BLOCK;
+    const int blocks = SPARSE && p.cache2
+                           ? main_blocks(p, req) + (extra_length(p, req) + BLOCK - 1) / BLOCK
+                           : (length(p, req) + BLOCK - 1) / BLOCK;
     return req == end_req ? min(end_blk, blocks) : blocks;
   }
 };
@@ -264,14 +280,20 @@ DEV uint4 load_nc(const u8* src) {
 // Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
 // and ok = false, for -1, out-of-range and past-the-length entries).
 DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok,
-                           int& row) {
+                           const u8*& scales) {
   // (opaque: recomputed per block rather than kept across the pair in a spilled register)
-  const int* list = p.block_table + opaque(req) * p.table_b + blockIdx.y * p.slot_t;
-  const int slot = pos < part.length(p, req) ? list[pos] : -1;
-  ok = slot >= 0 && (i64)slot < (i64)p.num_pages * p.page;
-  const int page = ok ? slot / p.page : 0;
-  row = ok ? slot - page * p.page : 0;
-  return p.cache + page * p.page_stride + (i64)row * p.row_stride;
+  req = opaque(req);
+  const bool extra = p.cache2 && pos >= part.main_blocks(p, req) * BLOCK;
+  const int* list = extra ? p.list2 + req * p.slot2_b + blockIdx.y * p.slot2_t
+                          : p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
+  if (extra) pos -= part.main_blocks(p, req) * BLOCK;
+  const int page_size = extra ? p.page2 : p.page;
+  const int slot = pos < (extra ? part.extra_length(p, req) : part.length(p, req)) ? list[pos] : -1;
+  ok = slot >= 0 && (i64)slot < (i64)(extra ? p.num_pages2 : p.num_pages) * page_size;
+  const int page = ok ? slot / page_size : 0, row = ok ? slot - page * page_size : 0;
+  const u8* page_base = (extra ? p.cache2 : p.cache) + page * (extra ? p.page_stride2 : p.page_stride);
+  scales = page_base + page_size * 576 + row * 8;  // (MODEL1: the token's UE8M0 scales)
+  return page_base + (i64)row * (extra ? p.row_stride2 : p.row_stride);
 }
 
 // Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
@@ -281,8 +303,8 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 tiles, u32 v
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
-    int in_page;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, in_page);
+    const u8* scale_at;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
 #pragma unroll 1  // (not unrolled: fits 32 registers)
@@ -316,15 +338,14 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
   const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
-    int in_page;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, in_page);
+    const u8* scale_at;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     // Scales of the half's slices: V3.2 2 fp32 (one per 128 dims), MODEL1 UE8M0 bytes (one per
     // 64 dims) after the page's 576-byte token records.
-    const u8* scale_at = MODEL1 ? rec + (i64)(p.page - in_page) * 576 + in_page * 8 + 4 * half
-                                : rec + D_V + 8 * half;
-    const uint2 scales = ok ? (MODEL1 ? make_uint2(*reinterpret_cast<const u32*>(scale_at), 0)
-                                      : *reinterpret_cast<const uint2*>(scale_at))
-                            : make_uint2(0, 0);
+    const uint2 scales =
+        ok ? (MODEL1 ? make_uint2(*reinterpret_cast<const u32*>(scale_at + 4 * half), 0)
+                     : *reinterpret_cast<const uint2*>(rec + D_V + 8 * half))
+           : make_uint2(0, 0);
     const u32 boxes = tiles + stage * TILE_BYTES + 4 * half * BOX_BYTES;  // the half's box 0
     // (one slot per half: its threads finish a block before they start the next)
     const u32 stage_slot = staging + half * STAGING_BYTES;
