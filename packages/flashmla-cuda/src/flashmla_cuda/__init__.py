@@ -69,15 +69,6 @@ def unverified_enabled(kind: str) -> bool:
     return "1" in wanted or kind in wanted
 
 
-def _sm90_sparse_rows(facts) -> list[str]:
-    """The bf16-row build reads 576-dim rows only."""
-    from flashmla.formats import CacheFormat
-
-    if facts.cache_format == CacheFormat.BF16 and facts.head_dims != (576, 512):
-        return [f"bf16 sparse decode needs (d_qk, d_v) = (576, 512), got {facts.head_dims}"]
-    return []
-
-
 def sm90_spec(unverified: bool | None = None):
     """The ``cuda-sm90`` backend. ``unverified=True`` (by default: when
     ``FLASHMLA_CUDA_SM90_UNVERIFIED`` names ``sparse``, see :func:`unverified_enabled`) also
@@ -100,15 +91,14 @@ def sm90_spec(unverified: bool | None = None):
         unverified = unverified_enabled("sparse")
     if unverified:
         heads = frozenset({64, 128})
+        formats = frozenset({CacheFormat.FP8_V32, CacheFormat.FP8_MODEL1, CacheFormat.BF16})
+        extra = {"extra_cache", "extra_topk_length"}
         ops["sparse_decode"] = OpSupport(
-            arch="sm_90a",
-            cache_formats=frozenset({CacheFormat.FP8_V32, CacheFormat.FP8_MODEL1, CacheFormat.BF16}),
-            head_dims=frozenset({(576, 512), (512, 512)}), h_q=heads,
-            features=frozenset({"mtp", "attn_sink", "topk_length", "extra_cache", "extra_topk_length"}),
-            check=_sm90_sparse_rows,
+            arch="sm_90a", cache_formats=formats, head_dims=frozenset({(576, 512), (512, 512)}),
+            h_q=heads, features=frozenset({"mtp", "attn_sink", "topk_length", *extra}),
         )  # fmt: skip
         ops["sparse_prefill"] = OpSupport(
-            arch="sm_90a", head_dims=frozenset({(576, 512)}), h_q=heads,
+            arch="sm_90a", head_dims=frozenset({(576, 512), (512, 512)}), h_q=heads,
             features=frozenset({"attn_sink", "topk_length"}),
         )  # fmt: skip
     return BackendSpec(

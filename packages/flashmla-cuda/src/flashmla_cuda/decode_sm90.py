@@ -4,9 +4,9 @@ It is the implementation of the ``cuda-sm90`` backend (see :func:`flashmla_cuda.
 declares exactly what the kernels handle: compute capability 9.0 and
 - dense decode: bf16/fp16 caches with (d_qk, d_v) = (576, 512) and page blocks that are
   multiples of 64;
-- sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576)
-  cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
-- sparse prefill (build 2): d_qk 576, h_q 64 or 128, attn_sink and topk_length.
+- sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576 or
+  512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
+- sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
 The sparse ones (and the dense 2-CTA cluster build) are used only when
 ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them (:func:`flashmla_cuda.unverified_enabled`),
 until they have passed the GPU suite. Every other case falls through the registry to the next
@@ -64,10 +64,14 @@ PARAMS = struct_type(
 )  # fmt: skip
 
 
-def build_for(fp16: bool, sparse: int = 0, cluster: bool = False, model1: bool = False) -> Build:
+def build_for(
+    fp16: bool, sparse: int = 0, cluster: bool = False, model1: bool = False, d_qk: int = 576
+) -> Build:
     extra = {"CLUSTER": 1} if cluster else {}  # (2-CTA clusters: dense, an even grid.x)
-    if model1:  # the FP8 build over the MODEL1 layout
+    if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
+    elif d_qk != 576:  # bf16 rows of 512
+        extra["D_QK_DIM"] = d_qk
     return Build.of("mla_decode_sm90.cu", DTYPE_FP16=fp16, SPARSE=sparse, **extra)
 
 
@@ -75,12 +79,9 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     if cc != (9, 0):
         return []
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
-    return [
-        *dense,
-        build_for(False, FP8),
-        build_for(False, FP8, model1=True),
-        build_for(False, ROWS),
-    ]
+    sparse = [build_for(False, FP8), build_for(False, FP8, model1=True)]
+    sparse += [build_for(False, ROWS, d_qk=d) for d in (576, 512)]
+    return [*dense, *sparse]
 
 
 def kv_tensor_map(cache: Tensor) -> bytes:
@@ -277,14 +278,12 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "scale_log2": p.softmax_scale * attention.LOG2E,
     }  # fmt: skip
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
-    return _run(
-        build_for(False, build, model1=model1), grid, values, SPARSE_SMEM_BYTES[build], plan, out,
-        lse, sink,
-    )  # fmt: skip
+    kernel_build = build_for(False, build, model1=model1, d_qk=q.shape[-1])
+    return _run(kernel_build, grid, values, SPARSE_SMEM_BYTES[build], plan, out, lse, sink)
 
 
 # --------------------------------------------------------------------------------------------
-# Sparse prefill (bf16 kv, d_qk 576): the ROWS build with each query token a "request" of one
+# Sparse prefill (bf16 kv, d_qk 576 or 512): the ROWS build with each query token a "request" of one
 # query row block over the kv rows (one-token pages), without split-KV.
 
 
@@ -327,7 +326,7 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
             "scale_log2": p.sm_scale * attention.LOG2E,
         }  # fmt: skip
         grid = (h_q // BLOCK, 1, md.shape[0])
-        k = kernel(build_for(False, ROWS), "mla_decode_sm90", q.device)
+        k = kernel(build_for(False, ROWS, d_qk=q.shape[-1]), "mla_decode_sm90", q.device)
         Launch.of(k, grid, THREADS, PARAMS, values, SPARSE_SMEM_BYTES[ROWS]).run()
     assert max_logits.stride() == lse.stride()  # the kernel writes both at lse's offsets
     return out, max_logits, lse

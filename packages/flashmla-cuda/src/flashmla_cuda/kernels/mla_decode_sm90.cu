@@ -46,12 +46,12 @@
 // MODEL1=1 (with SPARSE=1) reads the MODEL1 layout instead: d_qk 512 (448 FP8 NoPE dims with a
 // UE8M0 scale per 64, 64 bf16 RoPE dims, V = all 512), the scales after the page's records.
 //
-// SPARSE=2 is the same over bf16 rows of 576 values: the producer copies each row into the
-// stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each query
+// SPARSE=2 is the same over bf16 rows of 576 (or, with D_QK_DIM=512, 512) values: the producer
+// copies each row into the stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each query
 // token a one-token "request" over the kv rows, with max_logits written too).
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
-// 2 bf16 sparse), MODEL1, PREFETCH_Q, CLUSTER (dense only: the two CTAs of a cluster stack the two
+// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER (dense only: the two CTAs of a cluster stack the two
 // 64-row tiles of the same keys; each producer loads half the boxes of every block and
 // multicasts them into both CTAs, so each SM pulls half the key bytes from L2; a stage is
 // refilled once the consumers of both CTAs have released it).
@@ -67,6 +67,11 @@
 #define MODEL1 0
 #endif
 static_assert(!MODEL1 || SPARSE == 1, "MODEL1 is an FP8 sparse layout");
+#ifndef D_QK_DIM  // 512: MODEL1, or bf16 rows of 512 (SPARSE=2)
+#define D_QK_DIM (MODEL1 ? 512 : 576)
+#endif
+static_assert(D_QK_DIM == 576 || (D_QK_DIM == 512 && SPARSE), "d_qk 512 is sparse only");
+static_assert(!MODEL1 || D_QK_DIM == 512, "MODEL1 has d_qk 512");
 #ifndef CLUSTER  // dense: 2-CTA clusters over the two 64-row tiles of the same keys (grid.x even)
 #define CLUSTER 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
@@ -74,7 +79,7 @@ static_assert(!(CLUSTER && SPARSE), "clusters are for the dense build");
 
 namespace {
 
-constexpr int D_QK = MODEL1 ? 512 : 576;
+constexpr int D_QK = D_QK_DIM;
 constexpr int D_V = 512;
 constexpr int BLOCK = 64;                      // query rows per CTA, tokens per key block
 constexpr int BOXES = D_QK / 64;               // 64-dim boxes of a key row (9, MODEL1 8)
