@@ -93,6 +93,8 @@ constexpr int THREADS = 128 + CONSUMERS;
 // (128 accumulators, the scores and P fragments).
 constexpr u32 PRODUCER_REGS = 32;
 constexpr u32 CONSUMER_REGS = 240;
+// Dequantization steps unrolled (MODEL1's longer scale and layout math: fewer registers).
+constexpr int DEQUANT_UNROLL = MODEL1 ? 1 : 4;
 
 // Named barriers of the two consumers (0 is __syncthreads).
 constexpr u32 BAR_BOTH = 1;  // both consumers (request start)
@@ -387,7 +389,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
       const float s = __uint_as_float(s16 << 16);
       const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
       const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
-#pragma unroll(MODEL1 ? 1 : 4)  // (MODEL1's longer scale and layout math: fewer registers)
+#pragma unroll DEQUANT_UNROLL
       for (int u = 0; u < 4; ++u) {
         u32 w[4];
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
