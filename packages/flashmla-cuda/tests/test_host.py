@@ -322,3 +322,48 @@ def test_prefill_metadata_covers_every_query_token_once(s_q, parts):
     covered = torch.cat([torch.arange(int(b), int(e) + 1) for b, e in md[:, :2]])
     assert torch.equal(covered, torch.arange(s_q))
     assert (md[:, 2] == 0).all() and (md[:, 3] >= 1 << 30).all() and (md[:, 4:] == 0).all()
+
+
+def test_sm90_sparse_decode_relaunches_with_every_pointer(monkeypatch):
+    """Later calls of the same layout relaunch with their own pointers, extra cache included;
+    every relaunched field exists in the parameter struct."""
+    from flashmla import testing
+
+    made = []
+    monkeypatch.setattr(
+        decode_sm90, "_launch_sparse", lambda *a: made.append(a) or (_FakeLaunch(), _FakeLaunch())
+    )
+    plan = types.SimpleNamespace(launches={})
+    problems = [
+        testing.problem_for(
+            "decode",
+            testing.sparse_decode_inputs(
+                2,
+                1,
+                64,
+                64,
+                s_k=100,
+                cache_format="fp8_model1",
+                page_block_size=61,
+                extra_topk=64,
+                extra_topk_length=True,
+                topk_length=True,
+                attn_sink=True,
+                seed=0,
+            ),
+        )
+        for _ in range(2)
+    ]  # fmt: skip  (same shapes, tensors of their own)
+    decode_sm90.sparse_decode(problems[0], plan)
+    out1, lse1 = decode_sm90.sparse_decode(problems[1], plan)
+    assert len(made) == 1
+    ((decode, combine),) = plan.launches.values()
+    (fields,) = decode.runs
+    p = problems[1]
+    assert fields["cache2"] == p.extra_k_cache.data_ptr()
+    assert fields["list2"] == p.extra_indices.data_ptr()
+    assert fields["lengths2"] == p.extra_topk_length.data_ptr()
+    assert fields["sink"] == p.attn_sink.data_ptr() and fields["out"] == out1.data_ptr()
+    assert set(fields) <= set(decode_sm90.PARAMS.dtype.names)
+    assert combine.runs == [{"out": out1.data_ptr(), "lse": lse1.data_ptr(),
+                             "sink": p.attn_sink.data_ptr()}]  # fmt: skip
