@@ -367,3 +367,11 @@ def test_sm90_sparse_decode_relaunches_with_every_pointer(monkeypatch):
     assert set(fields) <= set(decode_sm90.PARAMS.dtype.names)
     assert combine.runs == [{"out": out1.data_ptr(), "lse": lse1.data_ptr(),
                              "sink": p.attn_sink.data_ptr()}]  # fmt: skip
+
+
+def test_sm90_params_default_every_unused_field_to_zero():
+    """Each launch kind names only its fields; the rest pack as zeros, and a misspelt one fails."""
+    raw = pack(decode_sm90.PARAMS, decode_sm90._values(h_q=128)).tobytes()
+    assert raw[:128] == bytes(128) and len(raw) == decode_sm90.PARAMS.itemsize
+    with pytest.raises(KeyError, match="unknown"):
+        pack(decode_sm90.PARAMS, decode_sm90._values(hq=128))

@@ -10,8 +10,9 @@ Two backends come from this package:
 - ``cuda``: the *portable* family (warp-level ``mma.sync`` tensor-core code, compute capability
   8.0 and newer; SM100 runs it too) for every op;
 - ``cuda-sm90``: Hopper's own dense decode (wgmma, TMA, warp specialization; sm_90a), for the
-  cases it declares (its sparse kernels wait for their first GPU run: :func:`sm90_spec`). It outranks every other backend there; whatever it does not declare falls
-  through the registry (with its reasons) to the next backend.
+  cases it declares (its sparse kernels wait for their first GPU run: :func:`sm90_spec`). It
+  outranks every other backend there; whatever it does not declare falls through the registry
+  (with its reasons) to the next backend.
 """
 
 from __future__ import annotations

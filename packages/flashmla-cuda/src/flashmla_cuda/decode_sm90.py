@@ -41,10 +41,6 @@ SMEM_BYTES = 3 * TILE + 2 * 64 * 4 + 2 * 64 * 4 + 8 * 8 + 1024
 # Sparse builds: + the valid flags of both stages (FP8: + a 4 KB staging slot per stage half)
 SPARSE_SMEM_BYTES = {1: SMEM_BYTES + 2 * BLOCK * 64 + 2 * BLOCK, 2: SMEM_BYTES + 2 * BLOCK}
 FP8, ROWS = 1, 2  # the SPARSE builds: FP8 records, bf16 rows
-NO_EXTRA = dict.fromkeys((
-    "cache2", "list2", "lengths2", "slot2_b", "slot2_t", "page_stride2", "row_stride2",
-    "num_pages2", "page2", "list_len2",
-), 0)  # fmt: skip
 
 PARAMS = struct_type(
     [("kv", TMAP)]
@@ -62,6 +58,12 @@ PARAMS = struct_type(
     )]
     + [("scale_log2", F32)]
 )  # fmt: skip
+
+
+def _values(**given) -> dict:
+    """Parameter-struct values: ``given``, every other field 0 (a null pointer, an unused
+    stride, an all-zero tensor map): the fields one kind of launch does not use."""
+    return {**dict.fromkeys(PARAMS.dtype.names, 0), "kv": bytes(128), **given}
 
 
 def build_for(
@@ -138,19 +140,18 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
     _b, s_q, h_q, _d = q.shape
     rows, h_kv, group = row_groups(p)
     table = p.block_table
-    values = {
+    values = _values(**{
         "kv": kv, "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
         "lse_acc": ptr(plan.lse_acc), "block_table": ptr(table), "lengths": ptr(p.cache_seqlens),
         "metadata": ptr(plan.schedule.metadata), "num_splits": ptr(plan.schedule.num_splits),
         "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
-        "table_b": table.stride(0), "slot_t": 0, "page_stride": 0, "row_stride": 0, "cache": 0,
-        "sink": 0, "max_logits": 0, **NO_EXTRA,
+        "table_b": table.stride(0),
         "num_pages": p.k_cache.shape[0], "page": p.k_cache.shape[1], "list_len": table.shape[1],
         "s_q": s_q, "group": group, "rows": rows, "h_q": h_q, "causal": int(p.causal),
         "scale_log2": p.softmax_scale * attention.LOG2E,
-    }  # fmt: skip
+    })  # fmt: skip
     grid = (-(-rows // BLOCK), h_kv, plan.schedule.metadata.shape[0])
     # 2-CTA clusters (the two row tiles of the same keys share their loads) wait for the GPU
     # suite like the sparse kernels (flashmla_cuda.sm90_spec)
@@ -173,7 +174,7 @@ def _run(build: Build, grid: tuple[int, int, int], values: dict, smem: int, plan
 
 
 # --------------------------------------------------------------------------------------------
-# Sparse decode (FP8 V3.2 cache)
+# Sparse decode (FP8 V3.2 / MODEL1 and bf16 caches)
 
 
 def plan_sparse_decode(p: SparseDecodeProblem) -> DecodePlan:
@@ -245,7 +246,7 @@ def _extra_values(p: SparseDecodeProblem, model1: bool) -> dict[str, int]:
     """The extra cache's fields of the parameter struct (zeros without one)."""
     cache, indices = p.extra_k_cache, p.extra_indices
     if cache is None:
-        return NO_EXTRA
+        return {}
     size = cache.element_size()
     return {
         "cache2": ptr(cache), "list2": ptr(indices), "lengths2": ptr(p.extra_topk_length),
@@ -262,11 +263,11 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
     cache, indices, sink = p.k_cache, p.indices, p.attn_sink
     model1 = p.cache_format == CacheFormat.FP8_MODEL1
     build = ROWS if p.cache_format == CacheFormat.BF16 else FP8
-    values = {
-        "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
+    values = _values(**{
+        "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": ptr(plan.o_acc),
         "lse_acc": ptr(plan.lse_acc), "block_table": ptr(indices), "lengths": ptr(p.topk_length),
         "metadata": ptr(plan.schedule.metadata), "num_splits": ptr(plan.schedule.num_splits),
-        "cache": ptr(cache), "sink": ptr(sink), "max_logits": 0, **_extra_values(p, model1),
+        "cache": ptr(cache), "sink": ptr(sink), **_extra_values(p, model1),
         "q_b": q.stride(0), "q_t": q.stride(1), "q_h": q.stride(2),
         "o_b": out.stride(0), "o_t": out.stride(1), "o_h": out.stride(2),
         "l_b": lse.stride(0), "l_t": lse.stride(2), "l_h": lse.stride(1),
@@ -274,17 +275,17 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "page_stride": cache.stride(0) * cache.element_size(),
         "row_stride": 576 if model1 else cache.stride(1) * cache.element_size(),
         "num_pages": cache.shape[0], "page": cache.shape[1], "list_len": indices.shape[2],
-        "s_q": s_q, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
+        "s_q": s_q, "group": h_q, "rows": h_q, "h_q": h_q,
         "scale_log2": p.softmax_scale * attention.LOG2E,
-    }  # fmt: skip
+    })  # fmt: skip
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
     kernel_build = build_for(False, build, model1=model1, d_qk=q.shape[-1])
     return _run(kernel_build, grid, values, SPARSE_SMEM_BYTES[build], plan, out, lse, sink)
 
 
 # --------------------------------------------------------------------------------------------
-# Sparse prefill (bf16 kv, d_qk 576 or 512): the ROWS build with each query token a "request" of one
-# query row block over the kv rows (one-token pages), without split-KV.
+# Sparse prefill (bf16 kv, d_qk 576 or 512): the ROWS build, each query token a "request" over
+# the kv rows seen as one-token pages, without split-KV.
 
 
 def prefill_metadata(s_q: int, parts: int, device: torch.device) -> Tensor:
@@ -306,27 +307,24 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
                             "running the portable kernel")  # fmt: skip
         return attention.sparse_prefill(p)
     out, max_logits, lse = p.empty_outputs()
+    assert max_logits.stride() == lse.stride()  # the kernel writes both at lse's offsets
     s_q, h_q, _d = p.q.shape
     with attention.on_device(p.q.device):
         q = attention.aligned_queries(p.q)
         md = prefill_metadata(s_q, max(device_sm_count(q.device) // (h_q // BLOCK), 1), q.device)
         kv, indices = p.kv, p.indices
-        values = {
-            "kv": bytes(128), "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "o_acc": 0,
-            "lse_acc": 0, "block_table": ptr(indices), "lengths": ptr(p.topk_length),
-            "metadata": ptr(md), "num_splits": ptr(md), "cache": ptr(kv), "sink": ptr(p.attn_sink),
-            "max_logits": ptr(max_logits), **NO_EXTRA,
-            "q_b": q.stride(0), "q_t": 0, "q_h": q.stride(1),
-            "o_b": out.stride(0), "o_t": 0, "o_h": out.stride(1),
-            "l_b": lse.stride(0), "l_t": 0, "l_h": lse.stride(1),
-            "table_b": indices.stride(0), "slot_t": 0,
+        values = _values(**{
+            "q": ptr(q), "out": ptr(out), "lse": ptr(lse), "block_table": ptr(indices),
+            "lengths": ptr(p.topk_length), "metadata": ptr(md), "cache": ptr(kv),
+            "sink": ptr(p.attn_sink), "max_logits": ptr(max_logits),  # (at lse's offsets)
+            "q_b": q.stride(0), "q_h": q.stride(1), "o_b": out.stride(0), "o_h": out.stride(1),
+            "l_b": lse.stride(0), "l_h": lse.stride(1), "table_b": indices.stride(0),
             "page_stride": kv.stride(0) * 2, "row_stride": kv.stride(0) * 2,
             "num_pages": kv.shape[0], "page": 1, "list_len": indices.shape[2],
-            "s_q": 1, "group": h_q, "rows": h_q, "h_q": h_q, "causal": 0,
+            "s_q": 1, "group": h_q, "rows": h_q, "h_q": h_q,
             "scale_log2": p.sm_scale * attention.LOG2E,
-        }  # fmt: skip
+        })  # fmt: skip
         grid = (h_q // BLOCK, 1, md.shape[0])
         k = kernel(build_for(False, ROWS, d_qk=q.shape[-1]), "mla_decode_sm90", q.device)
         Launch.of(k, grid, THREADS, PARAMS, values, SPARSE_SMEM_BYTES[ROWS]).run()
-    assert max_logits.stride() == lse.stride()  # the kernel writes both at lse's offsets
     return out, max_logits, lse

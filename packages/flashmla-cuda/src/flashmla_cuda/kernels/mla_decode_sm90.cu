@@ -31,30 +31,30 @@
 // Rows are (token, head) pairs as in the portable kernel; whole requests write the final output,
 // pieces of split requests write fp32 partials for the combine kernel.
 //
-// SPARSE=1 builds the token-sparse decode over the FP8 V3.2 cache (656-byte records) with the
-// same consumers. A CTA stacks 64 heads of one query token; a block is 64 entries of its index
-// list. The copy engine cannot gather FP8 records and convert them, so the whole producer
-// warpgroup works instead: two threads per token load the record with 128-bit loads (issued
-// before waiting for the stage, so they are in flight while the consumers finish it), dequantize
-// and store the bf16 row into the swizzled stage, and arrive on the half's full barrier. Invalid
-// entries (-1, out of range, past topk_length) become zero rows and a cleared valid flag, which
-// the consumers' mask turns into -inf. Dequantization avoids the slow conversion units: an e4m3
-// byte moved into a bf16's bit positions is its value times 2^-120 exactly (subnormals
-// included), and one bf16x2 multiply by scale * 2^120 finishes it, rounding as the reference's
-// bf16(fp8) * bf16(scale).
+// SPARSE=1 builds the token-sparse decode over an FP8 cache with the same consumers. A CTA
+// stacks 64 heads of one query token; a block is 64 entries of its index list. The copy engine
+// cannot gather FP8 records and convert them, so the whole producer warpgroup does: the records'
+// bytes land by cp.async inside the stage itself and are dequantized there into the swizzled
+// bf16 rows (producer_sparse says in which order), then the producer arrives on the half's full
+// barrier. Invalid entries (-1, out of range, past the length) become zero rows and a cleared
+// valid flag, which the consumers' mask turns into -inf. Dequantization avoids the slow
+// conversion units: an e4m3 byte moved into a bf16's bit positions is its value times 2^-120
+// exactly (subnormals included), and one bf16x2 multiply by scale * 2^120 finishes it, rounding
+// as the reference's bf16(fp8) * bf16(scale). The extra cache's blocks follow the main list's.
+// The default layout is V3.2 (656-byte records); MODEL1=1 reads MODEL1's instead: d_qk 512 (448
+// FP8 NoPE dims with a UE8M0 scale per 64, 64 bf16 RoPE dims, V = all 512), the scales after
+// the page's records.
 //
-// MODEL1=1 (with SPARSE=1) reads the MODEL1 layout instead: d_qk 512 (448 FP8 NoPE dims with a
-// UE8M0 scale per 64, 64 bf16 RoPE dims, V = all 512), the scales after the page's records.
+// SPARSE=2 is the same over bf16 rows of 576 (or, with D_QK_DIM=512, 512) values, copied into
+// the stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each
+// query token a one-token "request" over the kv rows, with max_logits written too).
 //
-// SPARSE=2 is the same over bf16 rows of 576 (or, with D_QK_DIM=512, 512) values: the producer
-// copies each row into the stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each query
-// token a one-token "request" over the kv rows, with max_logits written too).
+// CLUSTER=1 (dense only): the two CTAs of a cluster stack the two 64-row tiles of the same keys;
+// each producer loads half the boxes of every block and multicasts them into both CTAs, so each
+// SM pulls half the key bytes from L2; a stage is refilled once both CTAs' consumers released it.
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
-// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER (dense only: the two CTAs of a cluster stack the two
-// 64-row tiles of the same keys; each producer loads half the boxes of every block and
-// multicasts them into both CTAs, so each SM pulls half the key bytes from L2; a stage is
-// refilled once the consumers of both CTAs have released it).
+// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER.
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -127,7 +127,7 @@ DEV u32 half_boxes(int half) { return half == 0 ? LEFT_BOXES : BOXES - LEFT_BOXE
 }  // namespace
 
 struct DecodeParams {
-  TensorMap kv;  // dense: 4-D (dim, kv head, token within page, page) over the cache; box 64x1x64x1
+  TensorMap kv;  // dense: 4-D (dim, kv head, token in page, page) over the cache; box 64x1x64x1
   const u16* q;
   u16* out;
   float* lse;
@@ -271,17 +271,14 @@ DEV u32 mul_bf16x2(u32 a, u32 b) {
   return d;
 }
 
-DEV void st_shared16(u32 addr, u32 a, u32 b, u32 c, u32 d) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d)
-               : "memory");
+DEV void st_shared8(u32 addr, u32 v) {
+  asm volatile("st.shared.u8 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 
-DEV uint4 load_nc(const u8* src) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(src));
-  return v;
+DEV void st_shared16(u32 addr, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
 }
 
 // Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
@@ -295,18 +292,21 @@ DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int
                           : p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
   if (extra) pos -= part.main_blocks(p, req) * BLOCK;
   const int page_size = extra ? p.page2 : p.page;
-  const int slot = pos < (extra ? part.extra_length(p, req) : part.length(p, req)) ? list[pos] : -1;
+  const int length = extra ? part.extra_length(p, req) : part.length(p, req);
+  const int slot = pos < length ? list[pos] : -1;
   ok = slot >= 0 && (i64)slot < (i64)(extra ? p.num_pages2 : p.num_pages) * page_size;
   const int page = ok ? slot / page_size : 0, row = ok ? slot - page * page_size : 0;
-  const u8* page_base = (extra ? p.cache2 : p.cache) + page * (extra ? p.page_stride2 : p.page_stride);
+  const i64 page_stride = extra ? p.page_stride2 : p.page_stride;
+  const u8* page_base = (extra ? p.cache2 : p.cache) + page * page_stride;
   scales = page_base + page_size * 576 + row * 8;  // (MODEL1: the token's UE8M0 scales)
   return page_base + (i64)row * (extra ? p.row_stride2 : p.row_stride);
 }
 
 // Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
 // 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async.
-DEV void producer_rows(const DecodeParams& p, const Part& part, u32 tiles, u32 valid,
-                       const Barriers& bars) {
+DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
+  const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
+  const Barriers bars{base + SMEM_BARS};
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
@@ -317,8 +317,7 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 tiles, u32 v
 #pragma unroll 1  // (not unrolled: fits 32 registers)
     for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
       cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
-    if (half == 0)
-      asm volatile("st.shared.u8 [%0], %1;" ::"r"(valid + stage * BLOCK + n), "r"((u32)ok) : "memory");
+    if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
     cp_async_wait<0>();
     fence_async_smem();  // the copies, visible to the consumers' wgmma
@@ -376,7 +375,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
       for (int c = 0; c < 8; ++c)
         cp_async16(rope + ((c ^ swz) << 4), rec + (MODEL1 ? 448 : D_V + 16) + 16 * c, ok);
     } else {
-      asm volatile("st.shared.u8 [%0], %1;" ::"r"(valid + stage * BLOCK + n), "r"((u32)ok) : "memory");
+      st_shared8(valid + stage * BLOCK + n, ok);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -801,7 +800,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
 #if SPARSE == 1
     producer_sparse(p, Part::of(p, blockIdx.z), base);
 #elif SPARSE == 2
-    producer_rows(p, Part::of(p, blockIdx.z), base + SMEM_K, base + SMEM_VALID, bars);
+    producer_rows(p, Part::of(p, blockIdx.z), base);
 #else
     if (threadIdx.x == 0) producer(p, Part::of(p, blockIdx.z), base + SMEM_K, bars);
 #endif
