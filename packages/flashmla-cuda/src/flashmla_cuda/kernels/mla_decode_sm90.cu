@@ -89,10 +89,14 @@ constexpr int LEFT_BOXES = 4;                  // boxes [0, 4): V columns 0-255;
 constexpr int P_BOX = 8;  // the handed-over P tile: the RoPE box after Q K^T (MODEL1: spare)
 constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
-// Registers per thread after the reallocation (128 P + 256 C = 65536): the consumers need 240
-// (128 accumulators, the scores and P fragments).
-constexpr u32 PRODUCER_REGS = 32;
+// Registers per thread after the reallocation. The pool is what the launch allocated, 168 per
+// thread (__launch_bounds__(384, 1)): 168 x 384 = 24 x 128 + 240 x 256. The consumers need 240
+// (128 accumulators, the scores and P fragments), so the producer gets 24. A larger sum makes
+// setmaxnreg.inc wait forever for registers that never come (a hang, not an error).
+constexpr u32 PRODUCER_REGS = 24;
 constexpr u32 CONSUMER_REGS = 240;
+static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMERS <= (65536 / THREADS) / 8 * 8 * THREADS,
+              "the register reallocation must fit the launch's pool");
 // Dequantization steps unrolled (MODEL1's longer scale and layout math: fewer registers).
 constexpr int DEQUANT_UNROLL = MODEL1 ? 1 : 4;
 
