@@ -112,6 +112,11 @@ SPARSE_SMALL = [
          topk_length=True, attn_sink=True, extra_topk=32, extra_page_block_size=8, extra_topk_length=True),
     dict(b=2, s_q=2, h_q=16, topk=64, s_k=100, cache_format="bf16", contiguous=False, topk_length=True),
     dict(b=2, s_q=1, h_q=5, topk=48, s_k=90, cache_format="fp8_model1", extra_topk=16, contiguous=False),
+    # h_q 64: the smallest the SM90 kernels take (the sanitizer runs these small cases)
+    dict(b=2, s_q=2, h_q=64, topk=128, s_k=200, attn_sink=True, topk_length=True),
+    dict(b=2, s_q=1, h_q=64, topk=64, s_k=100, cache_format="fp8_model1", extra_topk=64,
+         extra_topk_length=True),
+    dict(b=2, s_q=1, h_q=64, topk=64, s_k=100, cache_format="bf16", contiguous=False),
 ]  # fmt: skip
 
 SPARSE_GPU = [
@@ -148,10 +153,11 @@ def test_sparse_decode_gpu(backend, case):
     )
 
 
-def test_sparse_decode_all_invalid(backend):
+@pytest.mark.parametrize("h_q", [16, 64])
+def test_sparse_decode_all_invalid(backend, h_q):
     """Rows whose every index is invalid: out 0, lse +inf, whatever the sink."""
     inputs = testing.sparse_decode_inputs(
-        2, 2, 16, 64, s_k=100, attn_sink=True, device=DEVICE, seed=6
+        2, 2, h_q, 64, s_k=100, attn_sink=True, device=DEVICE, seed=6
     )
     inputs["indices"][0] = -1
     inputs["indices"][1, 1] = torch.iinfo(torch.int32).max
@@ -168,6 +174,8 @@ PREFILL_SMALL = [
     dict(s_q=5, s_kv=40, h_q=16, topk=64, d_qk=576),
     dict(s_q=7, s_kv=200, h_q=8, topk=64, d_qk=512, attn_sink=True, topk_length=True),
     dict(s_q=4, s_kv=30, h_q=16, topk=64, invalid_rows=True, contiguous=False),
+    dict(s_q=3, s_kv=100, h_q=64, topk=128, d_qk=512, attn_sink=True, topk_length=True),
+    dict(s_q=2, s_kv=100, h_q=64, topk=64, invalid_rows=True),
 ]
 PREFILL_GPU = [
     dict(s_q=s_q, s_kv=s_kv, h_q=h_q, topk=topk, d_qk=d, attn_sink=sink, topk_length=tl)

@@ -233,21 +233,16 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
      ("bf16", 128, set(), True), ("fp8_v32", 128, {"extra_cache"}, True),
      ("fp8_model1", 64, {"extra_cache", "extra_topk_length"}, True), ("fp8_v32", 96, set(), False)],
 )  # fmt: skip
-def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok, monkeypatch):
-    """What the (not yet dispatched) sparse kernels handle; the entry point's spec leaves them
-    out until they have passed the GPU suite, unless asked for."""
+def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok):
+    """What the sparse kernels handle; ranked below Triton (faster there, for now)."""
     import torch
     from flashmla_cuda import sm90_spec
 
     from flashmla.formats import CacheFormat
     from flashmla.problems import Facts
 
-    monkeypatch.delenv("FLASHMLA_CUDA_SM90_UNVERIFIED", raising=False)
-    assert "sparse_decode" not in sm90_spec().ops
-    monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", "cluster")
-    assert "sparse_decode" not in sm90_spec().ops
-    monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", "cluster,sparse")
     sparse = sm90_spec().ops["sparse_decode"]
+    assert sparse.priority < 20 < sm90_spec().priority  # (Triton's priority: 20)
     d_qk = 512 if fmt == "fp8_model1" else 576
     facts = Facts(
         "sparse_decode", torch.device("cpu"), torch.bfloat16, CacheFormat(fmt), (d_qk, 512),

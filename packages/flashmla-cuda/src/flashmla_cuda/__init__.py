@@ -9,9 +9,9 @@ Two backends come from this package:
 
 - ``cuda``: the *portable* family (warp-level ``mma.sync`` tensor-core code, compute capability
   8.0 and newer; SM100 runs it too) for every op;
-- ``cuda-sm90``: Hopper's own dense decode (wgmma, TMA, warp specialization; sm_90a), for the
-  cases it declares (its sparse kernels wait for their first GPU run: :func:`sm90_spec`). It
-  outranks every other backend there; whatever it does not declare falls through the registry
+- ``cuda-sm90``: Hopper's own decode and sparse prefill kernels (wgmma, TMA, warp
+  specialization; sm_90a), for the cases it declares (:func:`sm90_spec`). It outranks every
+  other backend there (its sparse decode excepted, for now); whatever it does not declare falls through the registry
   (with its reasons) to the next backend.
 """
 
@@ -61,21 +61,25 @@ def spec():
 
 
 def unverified_enabled(kind: str) -> bool:
-    """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for SM90 kernels of ``kind`` that have not
-    yet passed the GPU suite: ``sparse`` (sparse decode and prefill) or ``cluster`` (dense 2-CTA
-    clusters). The variable lists kinds (``sparse,cluster``) or is ``1`` for all."""
+    """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for SM90 builds of ``kind`` that are not
+    used by default yet: ``cluster`` (dense 2-CTA clusters: they pass the GPU suite, but no
+    measurement shows them faster). The variable lists kinds or is ``1`` for all."""
     import os
 
     wanted = os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED", "").split(",")
     return "1" in wanted or kind in wanted
 
 
-def sm90_spec(unverified: bool | None = None):
-    """The ``cuda-sm90`` backend. ``unverified=True`` (by default: when
-    ``FLASHMLA_CUDA_SM90_UNVERIFIED`` names ``sparse``, see :func:`unverified_enabled`) also
-    declares the sparse kernels that compile but have not yet passed the GPU parity suite (FP8
-    V3.2 / MODEL1 and bf16 sparse decode, sparse prefill; ``packages/flashmla-cuda/NOTES-sm90.md``).
-    Otherwise the registry never dispatches to them."""
+# The SM90 sparse decode passes the GPU suite but measured slower than Triton's (S1 on an H100:
+# 1179 us against 1011, benchmarks/results/2026-12-07-h100-cuda-sm90-triton-cuda.json), so it
+# ranks below Triton (20) until it is faster; set_backend("cuda-sm90") still forces it.
+SM90_SPARSE_DECODE_PRIORITY = 15
+
+
+def sm90_spec():
+    """The ``cuda-sm90`` backend: dense decode, sparse decode (FP8 V3.2 / MODEL1 and bf16; ranked
+    below Triton, :data:`SM90_SPARSE_DECODE_PRIORITY`) and sparse prefill, h_q 64 or 128
+    (``packages/flashmla-cuda/NOTES-sm90.md``)."""
     import torch
 
     from flashmla.formats import CacheFormat
@@ -87,21 +91,19 @@ def sm90_spec(unverified: bool | None = None):
         head_dims=frozenset({(576, 512)}), page_sizes=PageSizes(64, 1024, 64),
         features=frozenset({"causal", "mtp"}),
     )  # fmt: skip
-    ops = {"dense_decode": decode}
-    if unverified is None:
-        unverified = unverified_enabled("sparse")
-    if unverified:
-        heads = frozenset({64, 128})
-        formats = frozenset({CacheFormat.FP8_V32, CacheFormat.FP8_MODEL1, CacheFormat.BF16})
-        extra = {"extra_cache", "extra_topk_length"}
-        ops["sparse_decode"] = OpSupport(
-            arch="sm_90a", cache_formats=formats, head_dims=frozenset({(576, 512), (512, 512)}),
-            h_q=heads, features=frozenset({"mtp", "attn_sink", "topk_length", *extra}),
-        )  # fmt: skip
-        ops["sparse_prefill"] = OpSupport(
-            arch="sm_90a", head_dims=frozenset({(576, 512), (512, 512)}), h_q=heads,
-            features=frozenset({"attn_sink", "topk_length"}),
-        )  # fmt: skip
+    heads = frozenset({64, 128})
+    formats = frozenset({CacheFormat.FP8_V32, CacheFormat.FP8_MODEL1, CacheFormat.BF16})
+    extra = {"extra_cache", "extra_topk_length"}
+    sparse = OpSupport(
+        arch="sm_90a", cache_formats=formats, head_dims=frozenset({(576, 512), (512, 512)}),
+        h_q=heads, features=frozenset({"mtp", "attn_sink", "topk_length", *extra}),
+        priority=SM90_SPARSE_DECODE_PRIORITY,
+    )  # fmt: skip
+    prefill = OpSupport(
+        arch="sm_90a", head_dims=frozenset({(576, 512), (512, 512)}), h_q=heads,
+        features=frozenset({"attn_sink", "topk_length"}),
+    )  # fmt: skip
+    ops = {"dense_decode": decode, "sparse_decode": sparse, "sparse_prefill": prefill}
     return BackendSpec(
         name="cuda-sm90",
         version=__version__,

@@ -7,9 +7,9 @@ declares exactly what the kernels handle: compute capability 9.0 and
 - sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576 or
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
-The sparse ones (and the dense 2-CTA cluster build) are used only when
-``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them (:func:`flashmla_cuda.unverified_enabled`),
-until they have passed the GPU suite. Every other case falls through the registry to the next
+The sparse decode ranks below Triton's until it is faster; the dense 2-CTA cluster build is
+used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED=cluster`` asks for it
+(:func:`flashmla_cuda.unverified_enabled`) until a measurement shows it faster. Every other case falls through the registry to the next
 backend, with these reasons. Inputs the kernels cannot address (misaligned base or strides) run
 the portable kernels instead, with a one-time warning.
 """
@@ -153,8 +153,8 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
         "scale_log2": p.softmax_scale * attention.LOG2E,
     })  # fmt: skip
     grid = (-(-rows // BLOCK), h_kv, plan.schedule.metadata.shape[0])
-    # 2-CTA clusters (the two row tiles of the same keys share their loads) wait for the GPU
-    # suite like the sparse kernels (flashmla_cuda.sm90_spec)
+    # 2-CTA clusters (the two row tiles of the same keys share their loads): only on request
+    # until measured faster (flashmla_cuda.unverified_enabled)
     cluster = grid[0] % 2 == 0 and unverified_enabled("cluster")
     build = build_for(q.dtype == torch.float16, cluster=cluster)
     return _run(build, grid, values, SMEM_BYTES, plan, out, lse, None)
