@@ -5,6 +5,7 @@ only fair way to compare variants a few percent apart). Copy a variant next to t
     python benchmarks/sm90_ab.py mla_decode_sm90.cu,variant.cu D1,D2,D5
     python benchmarks/sm90_ab.py mla_decode_sm90.cu,mla_decode_sm90.cu:PREFETCH_Q=1 D8,D9
     python benchmarks/sm90_ab.py mla_decode_sm90.cu,mla_decode_sm90.cu:CLUSTER=1 D1,D2,D8
+    python benchmarks/sm90_ab.py mla_decode_sm90.cu,variant.cu S1,P1   (sparse builds too)
 
 Times are eager ``do_bench`` medians of the API call, metadata included, so short shapes read
 higher than in ``flashmla bench``; compare rows with each other, not with that table."""
@@ -24,14 +25,16 @@ from flashmla.bench.shapes import SHAPES
 
 def main() -> None:
     sources, shape_ids = sys.argv[1].split(","), sys.argv[2].split(",")
+    default_build_for = decode_sm90.build_for
     for repeat in range(2):
         for source in sources:
             name, _, spec = source.partition(":")
             defines = {k: int(v) for k, v in (d.split("=") for d in spec.split("+") if d)}
 
-            def build_for(fp16, sparse=0, cluster=False, name=name, defines=defines):
-                base = {"DTYPE_FP16": fp16, "SPARSE": sparse, "CLUSTER": cluster}
-                return compiler.Build.of(name, **{**base, **defines})
+            def build_for(*args, name=name, defines=defines, **kwargs):
+                # (the build the launcher asks for, from this source, with these defines on top)
+                build = default_build_for(*args, **kwargs)
+                return compiler.Build.of(name, **{**dict(build.defines), **defines})
 
             decode_sm90.build_for = build_for
             for shape_id in shape_ids:
