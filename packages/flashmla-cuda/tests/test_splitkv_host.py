@@ -236,3 +236,20 @@ def test_v32_record_matches_formats(quant_lib):
         x = x.to(torch.bfloat16)
         want = formats.quantize_v32(x.unsqueeze(0))[0].numpy().tobytes()
         assert _v32_like_kernel(quant_lib, x) == want, i
+
+
+# -------------------------------------------------------------------------------------------
+# Combine launch shape
+
+
+def test_combine_piece_warps_spread_long_splits():
+    """One long request (D7: 66 pieces) gets all 8 warps of a CTA per head, each loading about 8
+    pieces at once; requests of a few pieces keep one warp per head; W divides the CTA."""
+    from flashmla_cuda.splitkv import COMBINE_UNROLL, COMBINE_WARPS, combine_piece_warps
+
+    assert combine_piece_warps(66, 1) == 8
+    assert combine_piece_warps(132 + 66, 132) == 1
+    assert combine_piece_warps(40, 2) == 2
+    assert all(COMBINE_WARPS % combine_piece_warps(s, 1) == 0 for s in range(1, 300))
+    source = (KERNELS / "splitkv.cu").read_text()
+    assert f"constexpr int COMBINE_UNROLL = {COMBINE_UNROLL};" in source

@@ -18,8 +18,9 @@ from .launch import I32, I64, PTR, Launch, kernel, pack, ptr, struct_type
 
 D_V = 512
 SCHED_THREADS = 256  # the kernel's default SCHED_THREADS
-COMBINE_WARPS = 8  # heads per combine CTA (one warp each)
+COMBINE_WARPS = 8  # warps per combine CTA: 8 / W heads, W warps each (combine_piece_warps)
 COMBINE_COLS = 128  # output columns per combine warp (grid.z covers the 512)
+COMBINE_UNROLL = 8  # pieces whose partials a warp loads at once (the kernel's COMBINE_UNROLL)
 
 SCHEDULE_PARAMS = struct_type(
     [(name, PTR) for name in ("lengths", "extra_lengths", "metadata", "num_splits")]
@@ -31,7 +32,7 @@ SCHEDULE_PARAMS = struct_type(
 COMBINE_PARAMS = struct_type(
     [(name, PTR) for name in ("o_acc", "lse_acc", "num_splits", "out", "lse", "sink")]
     + [(name, I64) for name in ("out_sb", "out_st", "out_sh", "lse_sb", "lse_st", "lse_sh")]
-    + [("s_q", I32), ("h_q", I32)]
+    + [("s_q", I32), ("h_q", I32), ("piece_warps", I32)]
 )
 
 
@@ -95,6 +96,16 @@ def schedule(
     return Schedule(metadata, num_splits)
 
 
+def combine_piece_warps(slots: int, b: int) -> int:
+    """W, the warps that share one head's pieces: enough for every warp to load about
+    COMBINE_UNROLL pieces at once, from the mean pieces per request (slots / b), capped at the
+    CTA's warps. (Any W gives the same result; it only sets how the work spreads.)"""
+    w = 1
+    while w < COMBINE_WARPS and 2 * w * COMBINE_UNROLL <= -(-slots // max(b, 1)):
+        w *= 2
+    return w
+
+
 def combine(
     *,
     o_acc: Tensor,
@@ -115,7 +126,7 @@ def combine(
     (contiguous).
     """
     b = num_splits.shape[0] - 1
-    _slots, s_q, h_q, d_v = o_acc.shape
+    slots, s_q, h_q, d_v = o_acc.shape
     if d_v != D_V or not (o_acc.is_contiguous() and lse_acc.is_contiguous()):
         raise ValueError("combine needs contiguous accumulators of 512-dim rows")
     if out.stride(3) != 1 or out.dtype not in (torch.bfloat16, torch.float16):
@@ -139,8 +150,10 @@ def combine(
         "lse_sh": lse_strides[2],
         "s_q": s_q,
         "h_q": h_q,
+        "piece_warps": combine_piece_warps(slots, b),
     }
-    grid = (b * s_q, -(-h_q // COMBINE_WARPS), D_V // COMBINE_COLS)
+    heads_per_cta = COMBINE_WARPS // values["piece_warps"]
+    grid = (b * s_q, -(-h_q // heads_per_cta), D_V // COMBINE_COLS)
     k = kernel(_build(out.dtype == torch.float16), "combine", out.device)
     launch = Launch.of(k, grid, COMBINE_WARPS * 32, COMBINE_PARAMS, values)
     launch.run()

@@ -6,9 +6,11 @@
 // as FlashMLA's one-warp metadata kernel does. Lengths are read on the device, so a captured CUDA
 // graph reschedules on replay. Output is bit-identical to flashmla.scheduler.split_kv_schedule.
 //
-// combine: one warp per (request, query token, head, quarter of the 512 output columns); a lane
-// owns 4 columns. The quarters and the partials of several pieces in flight per warp keep enough
-// loads going for one long request split over every SM (D7: 66 pieces x 128 heads x 2 KiB).
+// combine: W warps (piece_warps: 1, 2, 4 or 8) per (request, query token, head, quarter of the
+// 512 output columns); a lane owns 4 columns, and each of the W warps sums every W-th group of 8
+// pieces before they add up through shared memory. The quarters, the W warps and 8 pieces' loads
+// in flight per warp keep enough bytes moving for one long request split over every SM (D7: 66
+// pieces x 128 heads x 2 KiB), while short splits (W = 1) leave no warp idle.
 // Requests done in one piece were written by the attention kernel and are skipped.
 //
 // Defines: DTYPE_FP16 (output element type of combine), SCHED_THREADS, SCHED_CHUNK.
@@ -165,6 +167,7 @@ struct CombineParams {
   i64 lse_sb, lse_st, lse_sh;  // element strides of lse
   int s_q;
   int h_q;
+  int piece_warps;  // W: warps sharing one head's pieces (divides COMBINE_WARPS)
 };
 
 DEV float warp_max(float x) {
@@ -185,60 +188,73 @@ extern "C" __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine(const C
   // (a no-op otherwise).
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-  const int lane = threadIdx.x & 31;
-  const int h = blockIdx.y * COMBINE_WARPS + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = p.piece_warps;
+  const int h = blockIdx.y * (COMBINE_WARPS / W) + warp / W, sub = warp % W;
   const int i = blockIdx.x / p.s_q, t = blockIdx.x % p.s_q;
   const int begin = p.num_splits[i], end = p.num_splits[i + 1];
-  if (end - begin <= 1 || h >= p.h_q) return;  // whole warps leave together
+  if (end - begin <= 1) return;  // (the whole CTA: one request)
+  const bool active = h < p.h_q;  // (inactive warps still meet the W > 1 barrier)
 
   const i64 slot_stride = (i64)p.s_q * p.h_q;  // rows per accumulator slot
   const i64 row = (i64)t * p.h_q + h;
   const float* lse_row = p.lse_acc + row;
-
-  // G = log2(sum_j 2^l_j), the max taken out first (0 when every piece is empty).
-  float m = -F_INF;
-  for (int j = begin + lane; j < end; j += 32) m = fmaxf(m, lse_row[j * slot_stride]);
-  m = warp_max(m);
-  const float m_safe = m == -F_INF ? 0.f : m;
-  float s = 0.f;
-  for (int j = begin + lane; j < end; j += 32) s += exp2f(lse_row[j * slot_stride] - m_safe);
-  s = warp_sum(s);
-  const float g = s > 0.f ? log2f(s) + m_safe : F_INF;
-
-  // The sink joins the normaliser of the weights only; lse stays sink-free.
-  float g_w = g;
-  if (p.sink != nullptr) {
-    const float sink2 = p.sink[h] * LOG2E;
-    if (g != F_INF)
-      g_w = g + log2f(1.f + exp2f(sink2 - g));
-    else
-      g_w = sink2 == -F_INF ? F_INF : sink2;
-  }
-
-  // Lane owns columns col .. col+3 (8 bytes of output).
-  const int col = blockIdx.z * COMBINE_COLS + 4 * lane;
-  const float4* o_col = reinterpret_cast<const float4*>(p.o_acc + row * D_V + col);
+  const int col = blockIdx.z * COMBINE_COLS + 4 * lane;  // lane owns columns col .. col+3
+  float g = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int j0 = begin; j0 < end; j0 += COMBINE_UNROLL) {
-    float w[COMBINE_UNROLL];
-    float4 v[COMBINE_UNROLL];
-#pragma unroll
-    for (int u = 0; u < COMBINE_UNROLL; ++u) {
-      const int j = j0 + u;
-      w[u] = j < end ? exp2f(lse_row[j * slot_stride] - g_w) : 0.f;
-      if (!(w[u] > 0.f)) w[u] = 0.f;  // empty pieces (and NaN weights): partials never read
+  if (active) {
+    // G = log2(sum_j 2^l_j), the max taken out first (0 when every piece is empty).
+    float m = -F_INF;
+    for (int j = begin + lane; j < end; j += 32) m = fmaxf(m, lse_row[j * slot_stride]);
+    m = warp_max(m);
+    const float m_safe = m == -F_INF ? 0.f : m;
+    float s = 0.f;
+    for (int j = begin + lane; j < end; j += 32) s += exp2f(lse_row[j * slot_stride] - m_safe);
+    s = warp_sum(s);
+    g = s > 0.f ? log2f(s) + m_safe : F_INF;
+
+    // The sink joins the normaliser of the weights only; lse stays sink-free.
+    float g_w = g;
+    if (p.sink != nullptr) {
+      const float sink2 = p.sink[h] * LOG2E;
+      if (g != F_INF)
+        g_w = g + log2f(1.f + exp2f(sink2 - g));
+      else
+        g_w = sink2 == -F_INF ? F_INF : sink2;
     }
+
+    const float4* o_col = reinterpret_cast<const float4*>(p.o_acc + row * D_V + col);
+    for (int j0 = begin + sub * COMBINE_UNROLL; j0 < end; j0 += W * COMBINE_UNROLL) {
+      float w[COMBINE_UNROLL];
+      float4 v[COMBINE_UNROLL];
 #pragma unroll
-    for (int u = 0; u < COMBINE_UNROLL; ++u) {
-      const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-      v[u] = w[u] > 0.f ? o_col[(j0 + u) * slot_stride * (D_V / 4)] : zero;
-    }
+      for (int u = 0; u < COMBINE_UNROLL; ++u) {
+        const int j = j0 + u;
+        w[u] = j < end ? exp2f(lse_row[j * slot_stride] - g_w) : 0.f;
+        if (!(w[u] > 0.f)) w[u] = 0.f;  // empty pieces (and NaN weights): partials never read
+      }
 #pragma unroll
-    for (int u = 0; u < COMBINE_UNROLL; ++u) {
-      acc.x += w[u] * v[u].x, acc.y += w[u] * v[u].y;
-      acc.z += w[u] * v[u].z, acc.w += w[u] * v[u].w;
+      for (int u = 0; u < COMBINE_UNROLL; ++u) {
+        const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+        v[u] = w[u] > 0.f ? o_col[(j0 + u) * slot_stride * (D_V / 4)] : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < COMBINE_UNROLL; ++u) {
+        acc.x += w[u] * v[u].x, acc.y += w[u] * v[u].y;
+        acc.z += w[u] * v[u].z, acc.w += w[u] * v[u].w;
+      }
     }
   }
+  if (W > 1) {  // (W is the same for the whole grid) the first of each W warps adds the others'
+    __shared__ float4 partial[COMBINE_WARPS][32];
+    partial[warp][lane] = acc;
+    __syncthreads();
+    if (sub != 0) return;
+    for (int k = 1; k < W; ++k) {
+      const float4 o = partial[warp + k][lane];
+      acc.x += o.x, acc.y += o.y, acc.z += o.z, acc.w += o.w;
+    }
+  }
+  if (!active) return;
 
   u16* out = p.out + i * p.out_sb + t * p.out_st + h * p.out_sh + col;
   const u32 lo = pack2(acc.x, acc.y), hi = pack2(acc.z, acc.w);
