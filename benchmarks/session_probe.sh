@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One short GPU call for work in progress: the small parity cases of every GPU backend but Numba
-# plus the cuda-sm90 suite, the sanitizer over cuda-sm90, per-kernel times of D7/D9, an optional A/B of SM90 kernel
-# variants (AB=sources, as benchmarks/sm90_ab.py takes them, on AB_SHAPES) and a bench.
-# Logs and bench.json under $OUT.
+# One short GPU call for work in progress: the small parity cases of every GPU backend but
+# Numba plus the cuda-sm90 suite, the sanitizer over cuda-sm90, per-kernel times of D7/D9, an
+# optional A/B of SM90 kernel variants (AB=sources, as benchmarks/sm90_ab.py takes them, on
+# AB_SHAPES) and a bench. Logs and bench.json under $OUT.
 #   bash benchmarks/session_probe.sh SHAPES BACKENDS    (SHAPES empty: all shapes)
 # TEST_S / BENCH_S cap the test and bench minutes (seconds; default 200 each).
 set -uo pipefail
