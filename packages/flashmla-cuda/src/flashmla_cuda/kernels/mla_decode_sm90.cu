@@ -54,7 +54,7 @@
 // SM pulls half the key bytes from L2; a stage is refilled once both CTAs' consumers released it.
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
-// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER.
+// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS.
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -62,6 +62,9 @@
 #endif
 #ifndef PREFETCH_Q  // load the next request's Q during the last pair of the current one
 #define PREFETCH_Q 0  // (off until measured on a GPU: NOTES-sm90.md)
+#endif
+#ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows)
+#define PAIR_LOADS 1
 #endif
 #ifndef MODEL1  // SPARSE=1 over the MODEL1 layout (d_qk 512, 584-byte block-planar records)
 #define MODEL1 0
@@ -307,26 +310,50 @@ DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int
 }
 
 // Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
-// 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async.
+// 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async. Both blocks of
+// a pair are in flight before the producer waits for A's bytes (PAIR_LOADS; not across pairs:
+// the consumers release A only once B has landed, so holding A's arrive for the next pair's
+// copies would deadlock).
 DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
   const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
   const Barriers bars{base + SMEM_BARS};
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
-  for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
+  auto issue = [&](int req, int blk, int stage, int fill) {
     bool ok;
     const u8* scale_at;
     const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
-#pragma unroll 1  // (not unrolled: fits 32 registers)
+#pragma unroll 1  // (not unrolled: fits the producer's registers)
     for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
       cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
-    cp_async_wait<0>();
+  };
+  auto land = [&](int stage) {  // (after the wait for the stage's copies)
     fence_async_smem();  // the copies, visible to the consumers' wgmma
     mbar_arrive(bars.full(stage, half));
-  });
+  };
+  int uses[2] = {0, 0};
+  for (int req = part.begin_req; req <= part.end_req; ++req)
+    for_each_pair(p, part, req, [&](int a, bool has_b) {
+      issue(req, a, 0, uses[0]++);
+      if (PAIR_LOADS && has_b) {
+        issue(req, a + 1, 1, uses[1]++);
+        cp_async_wait<1>();
+        land(0);
+        cp_async_wait<0>();
+        land(1);
+        return;
+      }
+      cp_async_wait<0>();
+      land(0);
+      if (has_b) {
+        issue(req, a + 1, 1, uses[1]++);
+        cp_async_wait<0>();
+        land(1);
+      }
+    });
 }
 
 // Sparse producer (all 128 threads). Warps 0-1 fill stage half 0 (NoPE dims 0-255, boxes 0-3),
