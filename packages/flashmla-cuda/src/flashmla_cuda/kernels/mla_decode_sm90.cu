@@ -54,7 +54,7 @@
 // SM pulls half the key bytes from L2; a stage is refilled once both CTAs' consumers released it.
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
-// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS.
+// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS, PREFETCH_L2.
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -62,6 +62,9 @@
 #endif
 #ifndef PREFETCH_Q  // load the next request's Q during the last pair of the current one
 #define PREFETCH_Q 0  // (off until measured on a GPU: NOTES-sm90.md)
+#endif
+#ifndef PREFETCH_L2  // sparse: the next pair's records prefetched into L2 (prefetch_next_pair)
+#define PREFETCH_L2 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows)
 #define PAIR_LOADS 1
@@ -309,6 +312,25 @@ DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int
   return page_base + (i64)row * (extra ? p.row_stride2 : p.row_stride);
 }
 
+// Sparse: the bytes of a record the producer copies (FP8 V3.2 656, MODEL1's 576 before its
+// scales, bf16 rows 2 d_qk).
+constexpr u32 RECORD_BYTES = SPARSE == 2 ? 2 * D_QK : (MODEL1 ? 576 : 656);
+
+// Sparse, PREFETCH_L2: called with block A of a pair, thread n of half h prefetches into L2 the
+// record of main-list entry n of block A + 2 + h (the next pair of the same request), so that
+// its gathers meet L2 rather than HBM latency (the index it reads is then warm too). A hint
+// only: invalid entries, and the extra cache's, are skipped.
+DEV void prefetch_next_pair(const DecodeParams& p, const Part& part, int req, int blk, int n,
+                            int half) {
+  const int pos = (blk + 2 + half) * BLOCK + n;
+  if (pos >= part.length(p, req)) return;
+  const int slot = p.block_table[req * p.table_b + blockIdx.y * p.slot_t + pos];
+  if (slot < 0 || (i64)slot >= (i64)p.num_pages * p.page) return;
+  const int page = slot / p.page;
+  const u8* rec = p.cache + page * p.page_stride + (i64)(slot - page * p.page) * p.row_stride;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(rec), "r"(RECORD_BYTES));
+}
+
 // Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
 // 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async. Both blocks of
 // a pair are in flight before the producer waits for A's bytes (PAIR_LOADS; not across pairs:
@@ -329,6 +351,7 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
       cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
+    if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
   };
   auto land = [&](int stage) {  // (after the wait for the stage's copies)
     fence_async_smem();  // the copies, visible to the consumers' wgmma
@@ -409,6 +432,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
       st_shared8(valid + stage * BLOCK + n, ok);
     }
     cp_async_commit();
+    if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
     cp_async_wait<0>();
     named_barrier(bar, 64);  // the whole half's bytes have landed
     // Slice j of token n -> row n of box j: bf16(e4m3) * bf16(scale), 16 dims per step.
