@@ -370,3 +370,29 @@ def test_sm90_params_default_every_unused_field_to_zero():
     assert raw[:128] == bytes(128) and len(raw) == decode_sm90.PARAMS.itemsize
     with pytest.raises(KeyError, match="unknown"):
         pack(decode_sm90.PARAMS, decode_sm90._values(hq=128))
+
+
+@pytest.mark.parametrize(
+    "h_q,fmt,env,cluster",
+    [(128, "fp8_v32", "sparse_cluster", True), (128, "fp8_v32", "cluster", False),
+     (64, "fp8_v32", "1", False), (128, "fp8_model1", "1", False), (128, "bf16", "1", False)],
+)  # fmt: skip
+def test_sm90_sparse_cluster_build_only_on_request(monkeypatch, h_q, fmt, env, cluster):
+    """The FP8 V3.2 sparse decode shares its dequantization across a 2-CTA cluster only when
+    asked for, and only where the two head tiles exist (h_q 128); other layouts never do."""
+    from flashmla import testing
+
+    monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", env)
+    seen = {}
+    monkeypatch.setattr(
+        decode_sm90, "_run", lambda build, grid, *a: seen.update(build=build, grid=grid)
+    )
+    inputs = testing.sparse_decode_inputs(1, 1, h_q, 64, s_k=100, cache_format=fmt, seed=0)
+    p = testing.problem_for("decode", inputs)
+    schedule = types.SimpleNamespace(
+        metadata=torch.zeros(4, 8, dtype=torch.int32), num_splits=torch.zeros(2, dtype=torch.int32)
+    )
+    plan = types.SimpleNamespace(schedule=schedule, o_acc=torch.zeros(1), lse_acc=torch.zeros(1))
+    decode_sm90._launch_sparse(p, p.q, *p.empty_outputs(), plan)
+    assert (("CLUSTER", 1) in seen["build"].defines) == cluster
+    assert seen["grid"][0] == h_q // decode_sm90.BLOCK

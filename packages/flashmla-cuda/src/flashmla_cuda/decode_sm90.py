@@ -69,7 +69,8 @@ def _values(**given) -> dict:
 def build_for(
     fp16: bool, sparse: int = 0, cluster: bool = False, model1: bool = False, d_qk: int = 576
 ) -> Build:
-    extra = {"CLUSTER": 1} if cluster else {}  # (2-CTA clusters: dense, an even grid.x)
+    # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
+    extra = {"CLUSTER": 1} if cluster else {}
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512
@@ -81,7 +82,8 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     if cc != (9, 0):
         return []
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
-    sparse = [build_for(False, FP8), build_for(False, FP8, model1=True)]
+    sparse = [build_for(False, FP8, cluster=c) for c in (False, True)]
+    sparse += [build_for(False, FP8, model1=True)]
     sparse += [build_for(False, ROWS, d_qk=d) for d in (576, 512)]
     return [*dense, *sparse]
 
@@ -279,7 +281,11 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "scale_log2": p.softmax_scale * attention.LOG2E,
     })  # fmt: skip
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
-    kernel_build = build_for(False, build, model1=model1, d_qk=q.shape[-1])
+    # the two head tiles of h_q = 128 as a cluster sharing the dequantization: only on request
+    # until measured faster (flashmla_cuda.unverified_enabled)
+    cluster = build == FP8 and not model1 and h_q == 2 * BLOCK
+    cluster = cluster and unverified_enabled("sparse_cluster")
+    kernel_build = build_for(False, build, cluster=cluster, model1=model1, d_qk=q.shape[-1])
     return _run(kernel_build, grid, values, SPARSE_SMEM_BYTES[build], plan, out, lse, sink)
 
 

@@ -49,9 +49,12 @@
 // the stage by cp.async. It serves sparse decode over a bf16 cache and sparse prefill (each
 // query token a one-token "request" over the kv rows, with max_logits written too).
 //
-// CLUSTER=1 (dense only): the two CTAs of a cluster stack the two 64-row tiles of the same keys;
-// each producer loads half the boxes of every block and multicasts them into both CTAs, so each
-// SM pulls half the key bytes from L2; a stage is refilled once both CTAs' consumers released it.
+// CLUSTER=1: the two CTAs of a cluster stack the two 64-row tiles of the same keys. Dense: each
+// producer loads half the boxes of every block and multicasts them into both CTAs, so each SM
+// pulls half the key bytes from L2. FP8 V3.2 sparse (h_q 128): each producer gathers and
+// dequantizes half the tokens of every block into both CTAs (producer_sparse_cluster), so each
+// token is dequantized once. Either way a stage is refilled once both CTAs' consumers released
+// it.
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
 // 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS, PREFETCH_L2.
@@ -81,7 +84,8 @@ static_assert(!MODEL1 || D_QK_DIM == 512, "MODEL1 has d_qk 512");
 #ifndef CLUSTER  // dense: 2-CTA clusters over the two 64-row tiles of the same keys (grid.x even)
 #define CLUSTER 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
-static_assert(!(CLUSTER && SPARSE), "clusters are for the dense build");
+static_assert(!CLUSTER || SPARSE == 0 || (SPARSE == 1 && !MODEL1),
+              "clusters: the dense build and the FP8 V3.2 sparse one");
 
 namespace {
 
@@ -103,8 +107,9 @@ constexpr u32 PRODUCER_REGS = 24;
 constexpr u32 CONSUMER_REGS = 240;
 static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMERS <= (65536 / THREADS) / 8 * 8 * THREADS,
               "the register reallocation must fit the launch's pool");
-// Dequantization steps unrolled (MODEL1's longer scale and layout math: fewer registers).
-constexpr int DEQUANT_UNROLL = MODEL1 ? 1 : 4;
+// Dequantization steps unrolled (fewer registers: MODEL1's longer scale and layout math, the
+// cluster build's second stores).
+constexpr int DEQUANT_UNROLL = MODEL1 || CLUSTER ? 1 : 4;
 
 // Named barriers of the two consumers (0 is __syncthreads).
 constexpr u32 BAR_BOTH = 1;  // both consumers (request start)
@@ -291,6 +296,51 @@ DEV void st_shared16(u32 addr, u32 a, u32 b, u32 c, u32 d) {
                : "memory");
 }
 
+DEV void ld_shared16(u32 (&w)[4], u32 addr) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+               : "r"(addr));
+}
+
+// The same stores into the cluster CTA whose shared window holds `addr` (from mapa).
+DEV void st_cluster8(u32 addr, u32 v) {
+  asm volatile("st.shared::cluster.u8 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
+DEV void st_cluster16(u32 addr, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b),
+               "r"(c), "r"(d)
+               : "memory");
+}
+
+// Sparse: 64 e4m3 bytes at shared `raw` times the bf16 scale `s16` -> the swizzled 128-byte
+// bf16 row at `dst` (swizzle `swz`), 16 dims per step; with CLUSTER the same row into the
+// cluster peer too, at dst + `to_peer` (the peer's window, from mapa).
+DEV void dequant_row(u32 raw, u32 dst, u32 swz, u32 s16, u32 to_peer = 0) {
+  const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
+  const float s = __uint_as_float(s16 << 16);
+  const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
+  const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
+#pragma unroll DEQUANT_UNROLL
+  for (int u = 0; u < 4; ++u) {
+    u32 w[4];
+    ld_shared16(w, raw + u * 16);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {  // 8 dims (one 16-byte chunk) at a time
+      u32 o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        o[e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
+        if (big) o[e] = mul_bf16x2(o[e], two_120);
+        o[e] = mul_bf16x2(o[e], c);
+      }
+      const u32 chunk = ((2 * u + q) ^ swz) << 4;
+      st_shared16(dst + chunk, o[0], o[1], o[2], o[3]);
+      if (CLUSTER) st_cluster16(dst + to_peer + chunk, o[0], o[1], o[2], o[3]);
+    }
+  }
+}
+
 // Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
 // and ok = false, for -1, out-of-range and past-the-length entries).
 DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok,
@@ -395,7 +445,6 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
   const int slices = MODEL1 && half == 1 ? 3 : 4;
   const u32 bar = 5 + half;  // named barrier of the half's two warps
-  const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
     const u8* scale_at;
@@ -435,33 +484,12 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
     cp_async_wait<0>();
     named_barrier(bar, 64);  // the whole half's bytes have landed
-    // Slice j of token n -> row n of box j: bf16(e4m3) * bf16(scale), 16 dims per step.
+    // Slice j of token n -> row n of box j.
     auto dequantize = [&](int j) {
       // bf16(scale), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
       const u32 s16 = MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
                              : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
-      const float s = __uint_as_float(s16 << 16);
-      const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
-      const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
-#pragma unroll DEQUANT_UNROLL
-      for (int u = 0; u < 4; ++u) {
-        u32 w[4];
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-                     : "r"(raw_at(j) + n * 64 + u * 16));
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {  // 8 dims (one 16-byte chunk) at a time
-          u32 o[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            o[e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
-            if (big) o[e] = mul_bf16x2(o[e], two_120);
-            o[e] = mul_bf16x2(o[e], c);
-          }
-          st_shared16(boxes + j * BOX_BYTES + row + (((2 * u + q) ^ swz) << 4), o[0], o[1], o[2],
-                      o[3]);
-        }
-      }
+      dequant_row(raw_at(j) + n * 64, boxes + j * BOX_BYTES + row, swz, s16);
     };
     dequantize(0);
     dequantize(1);
@@ -473,6 +501,70 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     dequantize(2);
     fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
     mbar_arrive(bars.full(stage, half));
+  });
+}
+
+// Sparse FP8 (V3.2) over a 2-CTA cluster, CLUSTER=1: the two CTAs are the two 64-head tiles of
+// one query token, and CTA r gathers and dequantizes tokens [32r, 32r + 32) of every block into
+// both CTAs' stages, so each token is dequantized once instead of once per tile. Warp q owns
+// the NoPE dims [128q, 128q + 128) (boxes 2q and 2q + 1, the record's scale q), lane t token
+// 32r + t. Its record bytes land by cp.async where only this thread reads them: dims 0-63 in its
+// own token's row of box 2q + 1 (which the peer never writes), dims 64-127 in its 64 bytes of the
+// staging slots. Box 2q is written first, then box 2q + 1, so no thread overwrites bytes it has
+// not read and none waits for another. Warps 2-3 also copy half of their token's RoPE row each
+// into box 8 by cp.async, then from there into the peer's. Each writer arrives on the half's full barrier of both CTAs (after a proxy
+// fence for the cluster's shared memory); the consumers of both release every stage to both.
+DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 base) {
+  const u32 tiles = base + SMEM_K, staging = base + SMEM_STAGING, valid = base + SMEM_VALID;
+  const Barriers bars{base + SMEM_BARS};
+  const u32 rank = cluster_rank(), peer = rank ^ 1;
+  const u32 to_peer = map_shared(base, peer) - base;  // (the windows map linearly)
+  const int q = threadIdx.x / 32, n = 32 * (int)rank + threadIdx.x % 32;
+  const int half = q / 2;
+  for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
+    bool ok;
+    const u8* scale_at;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
+    // bf16(scale q), as the reference rounds it
+    const u32 s16 = ok ? pack2(*reinterpret_cast<const float*>(rec + D_V + 4 * q), 0.f) : 0u;
+    mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
+    const u32 row = tiles + stage * TILE_BYTES + 2 * q * BOX_BYTES + opaque(n) * 128;
+    const u32 raw_hi = staging + threadIdx.x * 64;
+    const u8* nope = rec + 128 * q;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      cp_async16(row + BOX_BYTES + 16 * c, nope + 16 * c, ok);  // box 2q + 1, unswizzled
+      cp_async16(raw_hi + 16 * c, nope + 64 + 16 * c, ok);
+    }
+    const u32 swz = n % 8;
+    // (warps 2-3) RoPE chunks 4(q - 2) .. 4(q - 2) + 3 of token n, at their swizzled places
+    const u32 rope = tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES + opaque(n) * 128;
+    auto rope_chunk = [&](int c) { return rope + (((4 * (q - 2) + c) ^ swz) << 4); };
+    if (half == 1) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        cp_async16(rope_chunk(c), rec + D_V + 16 + 16 * (4 * (q - 2) + c), ok);
+    } else if (q == 0) {
+      const u32 flag = valid + stage * BLOCK + n;
+      st_shared8(flag, ok);
+      st_cluster8(flag + to_peer, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    if (half == 1) {  // the RoPE chunks, on to the peer
+#pragma unroll 1
+      for (int c = 0; c < 4; ++c) {
+        u32 w[4];
+        ld_shared16(w, rope_chunk(c));
+        st_cluster16(rope_chunk(c) + to_peer, w[0], w[1], w[2], w[3]);
+      }
+    }
+    dequant_row(row + BOX_BYTES, row, swz, s16, to_peer);
+    dequant_row(raw_hi, row + BOX_BYTES, swz, s16, to_peer);
+    fence_async_smem();  // the copies and stores, visible to both CTAs' wgmma
+    asm volatile("fence.proxy.async.shared::cluster;" ::: "memory");
+    mbar_arrive(bars.full(stage, half));
+    mbar_arrive_cluster(bars.full(stage, half), peer);
   });
 }
 
@@ -502,11 +594,11 @@ struct Consumer {
     const u64 q_desc = smem_desc(q_smem, 16, 1024);
     const u64 k_desc = smem_desc(k_smem + stage * TILE_BYTES, 16, 1024);
     const u32 parity = uses[stage] & 1;
-    mbar_wait(bars.full(stage, 0), parity);
+    mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 0), parity);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < D_QK / 16; ++k) {
-      if (k == LEFT_BOXES * 4) mbar_wait(bars.full(stage, 1), parity);
+      if (k == LEFT_BOXES * 4) mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
       const u32 off = ((k / 4) * BOX_BYTES + (k % 4) * 32) >> 4;
       wgmma_m64n64k16(s, q_desc + off, k_desc + off, k > 0);
     }
@@ -838,8 +930,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < 2; ++stage)
       for (int half = 0; half < 2; ++half) {
-        // dense: the producer's arrive (plus its bytes); sparse: the half's 64 writers
-        mbar_init(bars.full(stage, half), SPARSE ? 64 : 1);
+        // dense: the producer's arrive (plus its bytes); sparse: the half's 64 writers (with
+        // clusters: of both CTAs)
+        mbar_init(bars.full(stage, half), SPARSE ? 64 * (CLUSTER ? 2 : 1) : 1);
         mbar_init(bars.empty(stage, half), empty_count(stage, half));
       }
     fence_barrier_init();
@@ -853,7 +946,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
 #if SPARSE == 1
-    producer_sparse(p, Part::of(p, blockIdx.z), base);
+    if (CLUSTER)
+      producer_sparse_cluster(p, Part::of(p, blockIdx.z), base);
+    else
+      producer_sparse(p, Part::of(p, blockIdx.z), base);
 #elif SPARSE == 2
     producer_rows(p, Part::of(p, blockIdx.z), base);
 #else

@@ -32,14 +32,24 @@ DEV void mbar_arrive_expect(u32 bar, u32 bytes) {
 }
 
 // Wait until the phase of parity `parity` has completed (parity 1 of a fresh barrier counts as
-// completed: producers wait on it before their first fill).
+// completed: producers wait on it before their first fill). CLUSTER_SCOPE: acquire at cluster
+// scope, for phases completed by a peer CTA's release-arrives after its stores into this CTA.
+template <bool CLUSTER_SCOPE = false>
 DEV void mbar_wait(u32 bar, u32 parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}" ::"r"(bar),
-      "r"(parity)
-      : "memory");
+  if (CLUSTER_SCOPE)
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+  else
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}" ::"r"(bar),
+        "r"(parity)
+        : "memory");
 }
 
 // Barrier initialisation visible to the async proxy (the copy engine) before first use.
@@ -97,6 +107,13 @@ DEV u32 cluster_rank() {
 DEV void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" :::
                    "memory");
+}
+
+// The address of shared location `addr` in cluster CTA `rank`'s window (for st.shared::cluster).
+DEV u32 map_shared(u32 addr, u32 rank) {
+  u32 r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
 }
 
 // Arrive on the mbarrier at shared address `bar` of cluster CTA `rank` (this one's or a peer's).
