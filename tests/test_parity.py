@@ -118,7 +118,8 @@ SPARSE_SMALL = [
          extra_topk_length=True),
     dict(b=2, s_q=1, h_q=64, topk=64, s_k=100, cache_format="bf16", contiguous=False),
     # h_q 128: the two head tiles (FP8 V3.2: the SM90 sparse cluster build when asked for)
-    dict(b=2, s_q=2, h_q=128, topk=128, s_k=200, attn_sink=True, topk_length=True),
+    dict(b=2, s_q=2, h_q=128, topk=128, s_k=200, attn_sink=True, topk_length=True, extra_topk=64,
+         extra_topk_length=True),
 ]  # fmt: skip
 
 SPARSE_GPU = [
