@@ -7,11 +7,12 @@ declares exactly what the kernels handle: compute capability 9.0 and
 - sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576 or
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
-The sparse decode ranks below Triton's until it is faster; the dense 2-CTA cluster build is
-used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED=cluster`` asks for it
-(:func:`flashmla_cuda.unverified_enabled`) until a measurement shows it faster. Every other case falls through the registry to the next
-backend, with these reasons. Inputs the kernels cannot address (misaligned base or strides) run
-the portable kernels instead, with a one-time warning.
+The sparse decode ranks below Triton's until it is faster. The 2-CTA cluster builds (dense, and
+FP8 V3.2 sparse decode at h_q 128) are used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for
+them (:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
+other case falls through the registry to the next backend, with these reasons. Inputs the
+kernels cannot address (misaligned base or strides) run the portable kernels instead, with a
+one-time warning.
 """
 
 from __future__ import annotations
@@ -162,12 +163,20 @@ def _launch(p: DenseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor, kv: byte
     return _run(build, grid, values, SMEM_BYTES, plan, out, lse, None)
 
 
+def _launch_kernel(build: Build, grid: tuple[int, int, int], values: dict, smem: int,
+                   device: torch.device) -> Launch:  # fmt: skip
+    """Launch ``build``'s kernel once; returns the launch (to relaunch with new pointers)."""
+    launch = Launch.of(
+        kernel(build, "mla_decode_sm90", device), grid, THREADS, PARAMS, values, smem
+    )
+    launch.run()
+    return launch
+
+
 def _run(build: Build, grid: tuple[int, int, int], values: dict, smem: int, plan: DecodePlan,
          out: Tensor, lse: Tensor, sink: Tensor | None) -> tuple[Launch, Launch]:  # fmt: skip
     """Launch the decode kernel and the combine of its split requests; returns both launches."""
-    decode = Launch.of(kernel(build, "mla_decode_sm90", out.device), grid, THREADS, PARAMS,
-                       values, smem)  # fmt: skip
-    decode.run()
+    decode = _launch_kernel(build, grid, values, smem, out.device)
     combine = splitkv.combine(
         o_acc=plan.o_acc, lse_acc=plan.lse_acc, num_splits=plan.schedule.num_splits, out=out,
         lse=lse, lse_strides=(lse.stride(0), lse.stride(2), lse.stride(1)), sink=sink,
@@ -331,6 +340,6 @@ def sparse_prefill(p: SparsePrefillProblem) -> tuple[Tensor, Tensor, Tensor]:
             "scale_log2": p.sm_scale * attention.LOG2E,
         })  # fmt: skip
         grid = (h_q // BLOCK, 1, md.shape[0])
-        k = kernel(build_for(False, ROWS, d_qk=q.shape[-1]), "mla_decode_sm90", q.device)
-        Launch.of(k, grid, THREADS, PARAMS, values, SPARSE_SMEM_BYTES[ROWS]).run()
+        build = build_for(False, ROWS, d_qk=q.shape[-1])
+        _launch_kernel(build, grid, values, SPARSE_SMEM_BYTES[ROWS], q.device)
     return out, max_logits, lse

@@ -81,7 +81,7 @@ static_assert(!MODEL1 || SPARSE == 1, "MODEL1 is an FP8 sparse layout");
 #endif
 static_assert(D_QK_DIM == 576 || (D_QK_DIM == 512 && SPARSE), "d_qk 512 is sparse only");
 static_assert(!MODEL1 || D_QK_DIM == 512, "MODEL1 has d_qk 512");
-#ifndef CLUSTER  // dense: 2-CTA clusters over the two 64-row tiles of the same keys (grid.x even)
+#ifndef CLUSTER  // 2-CTA clusters over the two 64-row tiles of the same keys (grid.x even)
 #define CLUSTER 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
 static_assert(!CLUSTER || SPARSE == 0 || (SPARSE == 1 && !MODEL1),
@@ -432,8 +432,8 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
 // Sparse producer (all 128 threads). Warps 0-1 fill stage half 0 (NoPE dims 0-255, boxes 0-3),
 // warps 2-3 half 1 (V3.2: dims 256-511, boxes 4-7, and RoPE box 8; MODEL1: dims 256-447,
 // boxes 4-6, and RoPE box 7); thread n of a half owns token n of each block. The FP8 bytes land
-// by cp.async inside the stage itself (no registers held across the memory latency; 32
-// registers suffice, leaving 240 to the consumers). With S slices of 64 dims in a half: slices
+// by cp.async inside the stage itself (no registers held across the memory latency: the
+// producer has 24, leaving 240 to the consumers). With S slices of 64 dims in a half: slices
 // 0 and 1 of the records go to the region of the half's box S-1, slice 3 (S = 4) to the second
 // half of box 2's region, slice 2 to a 4 KB staging slot. Dequantizing boxes 0 and 1, then box 3
 // (S = 4), then box 2, with a barrier of the half's 64 threads between, no box is written before
@@ -471,7 +471,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
 #pragma unroll
         for (int c = 0; c < 4; ++c)
           cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok);
-    const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: no spill at 32 registers)
+    const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: fewer producer spills)
     if (half == 1) {  // RoPE: 128 bytes straight into its box (swizzled)
       const u32 rope = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES + row;
 #pragma unroll
@@ -512,8 +512,9 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
 // own token's row of box 2q + 1 (which the peer never writes), dims 64-127 in its 64 bytes of the
 // staging slots. Box 2q is written first, then box 2q + 1, so no thread overwrites bytes it has
 // not read and none waits for another. Warps 2-3 also copy half of their token's RoPE row each
-// into box 8 by cp.async, then from there into the peer's. Each writer arrives on the half's full barrier of both CTAs (after a proxy
-// fence for the cluster's shared memory); the consumers of both release every stage to both.
+// into box 8 by cp.async, then from there into the peer's. Each writer arrives on the half's
+// full barrier of both CTAs (after a proxy fence for the cluster's shared memory); the
+// consumers of both release every stage to both.
 DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 base) {
   const u32 tiles = base + SMEM_K, staging = base + SMEM_STAGING, valid = base + SMEM_VALID;
   const Barriers bars{base + SMEM_BARS};
@@ -562,7 +563,7 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
     dequant_row(row + BOX_BYTES, row, swz, s16, to_peer);
     dequant_row(raw_hi, row + BOX_BYTES, swz, s16, to_peer);
     fence_async_smem();  // the copies and stores, visible to both CTAs' wgmma
-    asm volatile("fence.proxy.async.shared::cluster;" ::: "memory");
+    fence_async_cluster_smem();
     mbar_arrive(bars.full(stage, half));
     mbar_arrive_cluster(bars.full(stage, half), peer);
   });

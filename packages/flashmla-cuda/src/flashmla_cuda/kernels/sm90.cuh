@@ -58,6 +58,11 @@ DEV void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluste
 // Generic-proxy writes to shared memory visible to later async-proxy reads (wgmma operands).
 DEV void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// The same for writes into a cluster peer's shared memory (st.shared::cluster).
+DEV void fence_async_cluster_smem() {
+  asm volatile("fence.proxy.async.shared::cluster;" ::: "memory");
+}
+
 // ---------------------------------------------------------------------------------------------
 // TMA: one box of a 4-D tensor map -> shared memory, completing on `bar`. Coordinates are
 // signed; boxes outside the tensor are zero-filled and still count their bytes.
