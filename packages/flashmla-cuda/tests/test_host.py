@@ -373,13 +373,15 @@ def test_sm90_params_default_every_unused_field_to_zero():
 
 
 @pytest.mark.parametrize(
-    "h_q,fmt,env,cluster",
-    [(128, "fp8_v32", "sparse_cluster", True), (128, "fp8_v32", "cluster", False),
-     (64, "fp8_v32", "1", False), (128, "fp8_model1", "1", False), (128, "bf16", "1", False)],
+    "h_q,fmt,env,cluster,coalesced",
+    [(128, "fp8_v32", "", True, False), (128, "fp8_v32", "coalesced", True, True),
+     (64, "fp8_v32", "1", False, True), (128, "fp8_model1", "", False, False),
+     (128, "bf16", "1", False, False)],
 )  # fmt: skip
-def test_sm90_sparse_cluster_build_only_on_request(monkeypatch, h_q, fmt, env, cluster):
-    """The FP8 V3.2 sparse decode shares its dequantization across a 2-CTA cluster only when
-    asked for, and only where the two head tiles exist (h_q 128); other layouts never do."""
+def test_sm90_sparse_builds(monkeypatch, h_q, fmt, env, cluster, coalesced):
+    """The FP8 V3.2 sparse decode shares its dequantization across a 2-CTA cluster where the two
+    head tiles exist (h_q 128), and no other layout does; the FP8 builds share their gathers
+    between a warp's lanes only when asked for."""
     from flashmla import testing
 
     monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", env)
@@ -395,4 +397,5 @@ def test_sm90_sparse_cluster_build_only_on_request(monkeypatch, h_q, fmt, env, c
     plan = types.SimpleNamespace(schedule=schedule, o_acc=torch.zeros(1), lse_acc=torch.zeros(1))
     decode_sm90._launch_sparse(p, p.q, *p.empty_outputs(), plan)
     assert (("CLUSTER", 1) in seen["build"].defines) == cluster
+    assert (("COALESCED", 1) in seen["build"].defines) == coalesced
     assert seen["grid"][0] == h_q // decode_sm90.BLOCK

@@ -63,9 +63,9 @@ def spec():
 def unverified_enabled(kind: str) -> bool:
     """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for SM90 builds of ``kind`` that are not
     used by default yet: ``cluster`` (dense 2-CTA clusters: they pass the GPU suite, but no
-    measurement shows them faster) or ``sparse_cluster`` (FP8 sparse decode at h_q 128 with
-    the dequantization shared by a 2-CTA cluster: never run yet). The variable lists kinds
-    (``cluster,sparse_cluster``) or is ``1`` for all."""
+    measurement shows them faster) or ``coalesced`` (FP8 sparse decode whose warps share their
+    gathers, ``gather_spans``). The variable lists kinds (``cluster,coalesced``) or is ``1``
+    for all."""
     import os
 
     wanted = os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED", "").split(",")

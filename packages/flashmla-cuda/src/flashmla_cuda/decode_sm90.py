@@ -7,9 +7,10 @@ declares exactly what the kernels handle: compute capability 9.0 and
 - sparse decode (``SPARSE`` builds 1 and 2): the FP8 V3.2 / MODEL1 or a bf16 (d_qk 576 or
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
-The sparse decode ranks below Triton's until it is faster. The 2-CTA cluster builds (dense, and
-FP8 V3.2 sparse decode at h_q 128) are used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for
-them (:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
+The FP8 V3.2 sparse decode at h_q 128 runs as a 2-CTA cluster whose CTAs share the
+dequantization. The dense 2-CTA cluster build and the FP8 gathers shared by a warp's lanes are
+used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them
+(:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
 other case falls through the registry to the next backend, with these reasons. Inputs the
 kernels cannot address (misaligned base or strides) run the portable kernels instead, with a
 one-time warning.
@@ -72,6 +73,8 @@ def build_for(
 ) -> Build:
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
+    if sparse == FP8 and unverified_enabled("coalesced"):  # (the warps' shared gathers)
+        extra["COALESCED"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512
@@ -290,10 +293,8 @@ def _launch_sparse(p: SparseDecodeProblem, q: Tensor, out: Tensor, lse: Tensor,
         "scale_log2": p.softmax_scale * attention.LOG2E,
     })  # fmt: skip
     grid = (h_q // BLOCK, s_q, plan.schedule.metadata.shape[0])
-    # the two head tiles of h_q = 128 as a cluster sharing the dequantization: only on request
-    # until measured faster (flashmla_cuda.unverified_enabled)
+    # the two head tiles of h_q = 128 as a cluster sharing the dequantization (V3.2 only)
     cluster = build == FP8 and not model1 and h_q == 2 * BLOCK
-    cluster = cluster and unverified_enabled("sparse_cluster")
     kernel_build = build_for(False, build, cluster=cluster, model1=model1, d_qk=q.shape[-1])
     return _run(kernel_build, grid, values, SPARSE_SMEM_BYTES[build], plan, out, lse, sink)
 

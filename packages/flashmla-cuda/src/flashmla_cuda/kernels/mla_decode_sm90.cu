@@ -72,6 +72,9 @@
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows)
 #define PAIR_LOADS 1
 #endif
+#ifndef COALESCED  // sparse FP8: the lanes of a warp share the gathers (gather_spans)
+#define COALESCED 0  // (off until measured on a GPU: NOTES-sm90.md)
+#endif
 #ifndef DIAG  // sparse FP8 timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
 #define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
 #endif
@@ -384,6 +387,25 @@ DEV void prefetch_next_pair(const DecodeParams& p, const Part& part, int req, in
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(rec), "r"(RECORD_BYTES));
 }
 
+// Sparse, COALESCED: cp.async of `bytes` (a multiple of 64) at offset `from` of each of the
+// warp's 32 records (lane t's is `rec`, zero-filled unless `ok`) to shared `dst(t, o)` (byte o of
+// token t's span). The lanes take turns: each instruction copies whole 64-byte runs of 8 records
+// (4 lanes a run) instead of 16 bytes of each of 32 records, so it asks for 16 full sectors, not
+// 32 half-used ones. The caller syncs the warp (or more) before reading what others copied.
+template <typename Dst>
+DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
+  const int lane = threadIdx.x % 32;
+  const u64 mine = reinterpret_cast<u64>(rec) | (ok ? 1u : 0u);  // (records are 16-aligned)
+#pragma unroll 1
+  for (int g = 0; g < 4; ++g) {  // tokens 8g .. 8g + 7
+    const int t = 8 * g + lane / 4;
+    const u64 theirs = __shfl_sync(0xffffffffu, mine, t);
+    const u8* src = reinterpret_cast<const u8*>(theirs & ~u64(1)) + from;
+#pragma unroll
+    for (int o = 16 * (lane % 4); o < bytes; o += 64) cp_async16(dst(t, o), src + o, theirs & 1);
+  }
+}
+
 // Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
 // 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async. Both blocks of
 // a pair are in flight before the producer waits for A's bytes (PAIR_LOADS; not across pairs:
@@ -468,18 +490,30 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     };
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     const u8* nope = rec + 256 * half;
+    const int rope_from = MODEL1 ? 448 : D_V + 16;
+    const u32 rope_box = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
+    if (COALESCED) {
+      const int first = n - threadIdx.x % 32;  // the warp's first token
+      gather_spans(nope, ok && DIAG < 2, 0, 64 * slices,
+                   [&](int t, int o) { return raw_at(o / 64) + (first + t) * 64 + o % 64; });
+      if (half == 1)  // RoPE: 128 bytes straight into its box (swizzled)
+        gather_spans(rec, ok, rope_from, 128, [&](int t, int o) {
+          return rope_box + (first + t) * 128 + (((o / 16) ^ ((first + t) % 8)) << 4);
+        });
+    } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (j < slices)
+      for (int j = 0; j < 4; ++j)
+        if (j < slices)
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
-          cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok && DIAG < 2);
+          for (int c = 0; c < 4; ++c)
+            cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok && DIAG < 2);
+    }
     const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: fewer producer spills)
-    if (half == 1) {  // RoPE: 128 bytes straight into its box (swizzled)
-      const u32 rope = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES + row;
+    if (half == 1) {
+      if (!COALESCED)  // RoPE: 128 bytes straight into its box (swizzled)
 #pragma unroll
-      for (int c = 0; c < 8; ++c)
-        cp_async16(rope + ((c ^ swz) << 4), rec + (MODEL1 ? 448 : D_V + 16) + 16 * c, ok);
+        for (int c = 0; c < 8; ++c)
+          cp_async16(rope_box + row + ((c ^ swz) << 4), rec + rope_from + 16 * c, ok);
     } else {
       st_shared8(valid + stage * BLOCK + n, ok);
     }
@@ -532,22 +566,37 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
     // bf16(scale q), as the reference rounds it
     const u32 s16 = ok ? pack2(*reinterpret_cast<const float*>(rec + D_V + 4 * q), 0.f) : 0u;
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
-    const u32 row = tiles + stage * TILE_BYTES + 2 * q * BOX_BYTES + opaque(n) * 128;
+    const u32 box_q = tiles + stage * TILE_BYTES + 2 * q * BOX_BYTES;  // box 2q
+    const u32 row = box_q + opaque(n) * 128;
     const u32 raw_hi = staging + threadIdx.x * 64;
     const u8* nope = rec + 128 * q;
+    const int first = n - threadIdx.x % 32;  // the warp's first token
+    const u32 rope_box = tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES;
+    if (COALESCED) {  // (the same places, each lane copying for 8 tokens)
+      gather_spans(nope, ok, 0, 128, [&](int t, int o) {
+        return o < 64 ? box_q + BOX_BYTES + (first + t) * 128 + o : staging + (32 * q + t) * 64 + o - 64;
+      });
+      if (half == 1)
+        gather_spans(rec, ok, D_V + 16 + 64 * (q - 2), 64, [&](int t, int o) {
+          const int m = first + t;
+          return rope_box + m * 128 + (((4 * (q - 2) + o / 16) ^ (m % 8)) << 4);
+        });
+    } else {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      cp_async16(row + BOX_BYTES + 16 * c, nope + 16 * c, ok);  // box 2q + 1, unswizzled
-      cp_async16(raw_hi + 16 * c, nope + 64 + 16 * c, ok);
+      for (int c = 0; c < 4; ++c) {
+        cp_async16(row + BOX_BYTES + 16 * c, nope + 16 * c, ok);  // box 2q + 1, unswizzled
+        cp_async16(raw_hi + 16 * c, nope + 64 + 16 * c, ok);
+      }
     }
     const u32 swz = n % 8;
     // (warps 2-3) RoPE chunks 4(q - 2) .. 4(q - 2) + 3 of token n, at their swizzled places
-    const u32 rope = tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES + opaque(n) * 128;
+    const u32 rope = rope_box + opaque(n) * 128;
     auto rope_chunk = [&](int c) { return rope + (((4 * (q - 2) + c) ^ swz) << 4); };
     if (half == 1) {
+      if (!COALESCED)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        cp_async16(rope_chunk(c), rec + D_V + 16 + 16 * (4 * (q - 2) + c), ok);
+        for (int c = 0; c < 4; ++c)
+          cp_async16(rope_chunk(c), rec + D_V + 16 + 16 * (4 * (q - 2) + c), ok);
     } else if (q == 0) {
       const u32 flag = valid + stage * BLOCK + n;
       st_shared8(flag, ok);
@@ -555,6 +604,7 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
     }
     cp_async_commit();
     cp_async_wait<0>();
+    if (COALESCED) __syncwarp();  // (the warp's copies, all landed)
     if (half == 1) {  // the RoPE chunks, on to the peer
 #pragma unroll 1
       for (int c = 0; c < 4; ++c) {
