@@ -234,7 +234,7 @@ def test_sm90_backend_declares_what_the_kernel_handles(page, fmt, d_qk, ok):
      ("fp8_model1", 64, {"extra_cache", "extra_topk_length"}, True), ("fp8_v32", 96, set(), False)],
 )  # fmt: skip
 def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok):
-    """What the sparse kernels handle; ranked below Triton (faster there, for now)."""
+    """What the sparse kernels handle; ranked above Triton (faster on S1-S4)."""
     import torch
     from flashmla_cuda import sm90_spec
 
@@ -242,7 +242,7 @@ def test_sm90_backend_declares_its_sparse_decode(fmt, h_q, features, ok):
     from flashmla.problems import Facts
 
     sparse = sm90_spec().ops["sparse_decode"]
-    assert sparse.priority < 20 < sm90_spec().priority  # (Triton's priority: 20)
+    assert sparse.priority is None and sm90_spec().priority > 20  # (Triton's priority: 20)
     d_qk = 512 if fmt == "fp8_model1" else 576
     facts = Facts(
         "sparse_decode", torch.device("cpu"), torch.bfloat16, CacheFormat(fmt), (d_qk, 512),
@@ -373,15 +373,13 @@ def test_sm90_params_default_every_unused_field_to_zero():
 
 
 @pytest.mark.parametrize(
-    "h_q,fmt,env,cluster,coalesced",
-    [(128, "fp8_v32", "", True, False), (128, "fp8_v32", "coalesced", True, True),
-     (64, "fp8_v32", "1", False, True), (128, "fp8_model1", "", False, False),
-     (128, "bf16", "1", False, False)],
+    "h_q,fmt,env,cluster",
+    [(128, "fp8_v32", "", True), (128, "fp8_v32", "1", True), (64, "fp8_v32", "1", False),
+     (128, "fp8_model1", "", False), (128, "bf16", "1", False)],
 )  # fmt: skip
-def test_sm90_sparse_builds(monkeypatch, h_q, fmt, env, cluster, coalesced):
+def test_sm90_sparse_cluster_build_where_two_head_tiles(monkeypatch, h_q, fmt, env, cluster):
     """The FP8 V3.2 sparse decode shares its dequantization across a 2-CTA cluster where the two
-    head tiles exist (h_q 128), and no other layout does; the FP8 builds share their gathers
-    between a warp's lanes only when asked for."""
+    head tiles exist (h_q 128), with or without the unverified switch; no other layout does."""
     from flashmla import testing
 
     monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", env)
@@ -397,5 +395,4 @@ def test_sm90_sparse_builds(monkeypatch, h_q, fmt, env, cluster, coalesced):
     plan = types.SimpleNamespace(schedule=schedule, o_acc=torch.zeros(1), lse_acc=torch.zeros(1))
     decode_sm90._launch_sparse(p, p.q, *p.empty_outputs(), plan)
     assert (("CLUSTER", 1) in seen["build"].defines) == cluster
-    assert (("COALESCED", 1) in seen["build"].defines) == coalesced
     assert seen["grid"][0] == h_q // decode_sm90.BLOCK

@@ -63,24 +63,16 @@ def spec():
 def unverified_enabled(kind: str) -> bool:
     """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for SM90 builds of ``kind`` that are not
     used by default yet: ``cluster`` (dense 2-CTA clusters: they pass the GPU suite, but no
-    measurement shows them faster) or ``coalesced`` (FP8 sparse decode whose warps share their
-    gathers, ``gather_spans``). The variable lists kinds (``cluster,coalesced``) or is ``1``
-    for all."""
+    measurement shows them faster). The variable lists kinds or is ``1`` for all."""
     import os
 
     wanted = os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED", "").split(",")
     return "1" in wanted or kind in wanted
 
 
-# The SM90 sparse decode passes the GPU suite but measured slower than Triton's (S1 on an H100:
-# 1179 us against 1011, benchmarks/results/2026-12-07-h100-cuda-sm90-triton-cuda.json), so it
-# ranks below Triton (20) until it is faster; set_backend("cuda-sm90") still forces it.
-SM90_SPARSE_DECODE_PRIORITY = 15
-
-
 def sm90_spec():
-    """The ``cuda-sm90`` backend: dense decode, sparse decode (FP8 V3.2 / MODEL1 and bf16; ranked
-    below Triton, :data:`SM90_SPARSE_DECODE_PRIORITY`) and sparse prefill, h_q 64 or 128
+    """The ``cuda-sm90`` backend: dense decode, sparse decode (FP8 V3.2 / MODEL1 and bf16) and
+    sparse prefill, h_q 64 or 128
     (``packages/flashmla-cuda/NOTES-sm90.md``)."""
     import torch
 
@@ -99,7 +91,6 @@ def sm90_spec():
     sparse = OpSupport(
         arch="sm_90a", cache_formats=formats, head_dims=frozenset({(576, 512), (512, 512)}),
         h_q=heads, features=frozenset({"mtp", "attn_sink", "topk_length", *extra}),
-        priority=SM90_SPARSE_DECODE_PRIORITY,
     )  # fmt: skip
     prefill = OpSupport(
         arch="sm_90a", head_dims=frozenset({(576, 512), (512, 512)}), h_q=heads,

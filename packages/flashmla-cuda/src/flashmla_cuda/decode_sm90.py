@@ -8,9 +8,9 @@ declares exactly what the kernels handle: compute capability 9.0 and
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
 The FP8 V3.2 sparse decode at h_q 128 runs as a 2-CTA cluster whose CTAs share the
-dequantization. The dense 2-CTA cluster build and the FP8 gathers shared by a warp's lanes are
-used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them
-(:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
+dequantization. The dense 2-CTA cluster build is used only when
+``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for it (:func:`flashmla_cuda.unverified_enabled`) until a
+measurement shows it faster. Every
 other case falls through the registry to the next backend, with these reasons. Inputs the
 kernels cannot address (misaligned base or strides) run the portable kernels instead, with a
 one-time warning.
@@ -73,8 +73,6 @@ def build_for(
 ) -> Build:
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
-    if sparse == FP8 and unverified_enabled("coalesced"):  # (the warps' shared gathers)
-        extra["COALESCED"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512

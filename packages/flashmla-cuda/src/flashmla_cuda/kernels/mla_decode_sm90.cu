@@ -72,9 +72,6 @@
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows)
 #define PAIR_LOADS 1
 #endif
-#ifndef COALESCED  // sparse FP8: the lanes of a warp share the gathers (gather_spans)
-#define COALESCED 0  // (off until measured on a GPU: NOTES-sm90.md)
-#endif
 #ifndef DIAG  // sparse FP8 timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
 #define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
 #endif
@@ -387,11 +384,12 @@ DEV void prefetch_next_pair(const DecodeParams& p, const Part& part, int req, in
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(rec), "r"(RECORD_BYTES));
 }
 
-// Sparse, COALESCED: cp.async of `bytes` (a multiple of 64) at offset `from` of each of the
+// Sparse FP8: cp.async of `bytes` (a multiple of 64) at offset `from` of each of the
 // warp's 32 records (lane t's is `rec`, zero-filled unless `ok`) to shared `dst(t, o)` (byte o of
 // token t's span). The lanes take turns: each instruction copies whole 64-byte runs of 8 records
 // (4 lanes a run) instead of 16 bytes of each of 32 records, so it asks for 16 full sectors, not
-// 32 half-used ones. The caller syncs the warp (or more) before reading what others copied.
+// 32 half-used ones (S1 -17%, S3 -33% on an H100: NOTES-sm90.md). The caller syncs the warp (or
+// more) before reading what others copied.
 template <typename Dst>
 DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
   const int lane = threadIdx.x % 32;
@@ -492,31 +490,16 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     const u8* nope = rec + 256 * half;
     const int rope_from = MODEL1 ? 448 : D_V + 16;
     const u32 rope_box = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
-    if (COALESCED) {
-      const int first = n - threadIdx.x % 32;  // the warp's first token
-      gather_spans(nope, ok && DIAG < 2, 0, 64 * slices,
-                   [&](int t, int o) { return raw_at(o / 64) + (first + t) * 64 + o % 64; });
-      if (half == 1)  // RoPE: 128 bytes straight into its box (swizzled)
-        gather_spans(rec, ok, rope_from, 128, [&](int t, int o) {
-          return rope_box + (first + t) * 128 + (((o / 16) ^ ((first + t) % 8)) << 4);
-        });
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (j < slices)
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            cp_async16(raw_at(j) + n * 64 + c * 16, nope + 64 * j + 16 * c, ok && DIAG < 2);
-    }
-    const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: fewer producer spills)
-    if (half == 1) {
-      if (!COALESCED)  // RoPE: 128 bytes straight into its box (swizzled)
-#pragma unroll
-        for (int c = 0; c < 8; ++c)
-          cp_async16(rope_box + row + ((c ^ swz) << 4), rec + rope_from + 16 * c, ok);
-    } else {
+    const int first = n - threadIdx.x % 32;  // the warp's first token
+    gather_spans(nope, ok && DIAG < 2, 0, 64 * slices,
+                 [&](int t, int o) { return raw_at(o / 64) + (first + t) * 64 + o % 64; });
+    if (half == 1)  // RoPE: 128 bytes straight into its box (swizzled)
+      gather_spans(rec, ok, rope_from, 128, [&](int t, int o) {
+        return rope_box + (first + t) * 128 + (((o / 16) ^ ((first + t) % 8)) << 4);
+      });
+    else
       st_shared8(valid + stage * BLOCK + n, ok);
-    }
+    const u32 row = opaque(n) * 128, swz = n % 8;  // (opaque: fewer producer spills)
     cp_async_commit();
     if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
     cp_async_wait<0>();
@@ -545,11 +528,11 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
 // one query token, and CTA r gathers and dequantizes tokens [32r, 32r + 32) of every block into
 // both CTAs' stages, so each token is dequantized once instead of once per tile. Warp q owns
 // the NoPE dims [128q, 128q + 128) (boxes 2q and 2q + 1, the record's scale q), lane t token
-// 32r + t. Its record bytes land by cp.async where only this thread reads them: dims 0-63 in its
-// own token's row of box 2q + 1 (which the peer never writes), dims 64-127 in its 64 bytes of the
-// staging slots. Box 2q is written first, then box 2q + 1, so no thread overwrites bytes it has
-// not read and none waits for another. Warps 2-3 also copy half of their token's RoPE row each
-// into box 8 by cp.async, then from there into the peer's. Each writer arrives on the half's
+// 32r + t. The warp's lanes copy its records by cp.async for each other (gather_spans), to where
+// after a warp sync only the token's thread reads them: dims 0-63 in its own row of box 2q + 1
+// (which the peer never writes), dims 64-127 in its 64 bytes of the staging slots. Box 2q is
+// written first, then box 2q + 1, so no thread overwrites bytes it has not read. Warps 2-3 also
+// copy half of their tokens' RoPE rows each into box 8, then from there into the peer's. Each writer arrives on the half's
 // full barrier of both CTAs (after a proxy fence for the cluster's shared memory); the
 // consumers of both release every stage to both.
 DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 base) {
@@ -572,31 +555,21 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
     const u8* nope = rec + 128 * q;
     const int first = n - threadIdx.x % 32;  // the warp's first token
     const u32 rope_box = tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES;
-    if (COALESCED) {  // (the same places, each lane copying for 8 tokens)
-      gather_spans(nope, ok, 0, 128, [&](int t, int o) {
-        return o < 64 ? box_q + BOX_BYTES + (first + t) * 128 + o : staging + (32 * q + t) * 64 + o - 64;
-      });
-      if (half == 1)
-        gather_spans(rec, ok, D_V + 16 + 64 * (q - 2), 64, [&](int t, int o) {
-          const int m = first + t;
-          return rope_box + m * 128 + (((4 * (q - 2) + o / 16) ^ (m % 8)) << 4);
-        });
-    } else {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        cp_async16(row + BOX_BYTES + 16 * c, nope + 16 * c, ok);  // box 2q + 1, unswizzled
-        cp_async16(raw_hi + 16 * c, nope + 64 + 16 * c, ok);
-      }
-    }
+    // dims 0-63 of token m into its row of box 2q + 1 (unswizzled), dims 64-127 into its
+    // staging bytes
+    gather_spans(nope, ok, 0, 128, [&](int t, int o) {
+      return o < 64 ? box_q + BOX_BYTES + (first + t) * 128 + o
+                    : staging + (32 * q + t) * 64 + o - 64;
+    });
     const u32 swz = n % 8;
     // (warps 2-3) RoPE chunks 4(q - 2) .. 4(q - 2) + 3 of token n, at their swizzled places
     const u32 rope = rope_box + opaque(n) * 128;
     auto rope_chunk = [&](int c) { return rope + (((4 * (q - 2) + c) ^ swz) << 4); };
     if (half == 1) {
-      if (!COALESCED)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          cp_async16(rope_chunk(c), rec + D_V + 16 + 16 * (4 * (q - 2) + c), ok);
+      gather_spans(rec, ok, D_V + 16 + 64 * (q - 2), 64, [&](int t, int o) {
+        const int m = first + t;
+        return rope_box + m * 128 + (((4 * (q - 2) + o / 16) ^ (m % 8)) << 4);
+      });
     } else if (q == 0) {
       const u32 flag = valid + stage * BLOCK + n;
       st_shared8(flag, ok);
@@ -604,7 +577,7 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
     }
     cp_async_commit();
     cp_async_wait<0>();
-    if (COALESCED) __syncwarp();  // (the warp's copies, all landed)
+    __syncwarp();  // (the lanes copied for each other: all the warp's copies have landed)
     if (half == 1) {  // the RoPE chunks, on to the peer
 #pragma unroll 1
       for (int c = 0; c < 4; ++c) {
