@@ -75,6 +75,9 @@
 #ifndef DIAG  // sparse FP8 timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
 #define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
 #endif
+#ifndef SHARED_ROW_GATHERS  // SPARSE=2: a warp's lanes share the row gathers (gather_spans)
+#define SHARED_ROW_GATHERS 1  // (0: each thread copies its own row; for sm90_ab.py)
+#endif
 #ifndef MODEL1  // SPARSE=1 over the MODEL1 layout (d_qk 512, 584-byte block-planar records)
 #define MODEL1 0
 #endif
@@ -389,8 +392,9 @@ DEV void prefetch_next_pair(const DecodeParams& p, const Part& part, int req, in
 // token t's span). The lanes take turns: each instruction copies whole 64-byte runs of 8 records
 // (4 lanes a run) instead of 16 bytes of each of 32 records, so it asks for 16 full sectors, not
 // 32 half-used ones (S1 -17%, S3 -33% on an H100: NOTES-sm90.md). The caller syncs the warp (or
-// more) before reading what others copied.
-template <typename Dst>
+// more) before reading what others copied. ROLLED: a loop of copies per run of 8 records (fewer
+// registers for long spans), else unrolled.
+template <bool ROLLED = false, typename Dst>
 DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
   const int lane = threadIdx.x % 32;
   const u64 mine = reinterpret_cast<u64>(rec) | (ok ? 1u : 0u);  // (records are 16-aligned)
@@ -399,8 +403,14 @@ DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
     const int t = 8 * g + lane / 4;
     const u64 theirs = __shfl_sync(0xffffffffu, mine, t);
     const u8* src = reinterpret_cast<const u8*>(theirs & ~u64(1)) + from;
+    auto copy = [&](int o) { cp_async16(dst(t, o), src + o, theirs & 1); };
+    if (ROLLED) {
+#pragma unroll 1
+      for (int o = 16 * (lane % 4); o < bytes; o += 64) copy(o);
+    } else {
 #pragma unroll
-    for (int o = 16 * (lane % 4); o < bytes; o += 64) cp_async16(dst(t, o), src + o, theirs & 1);
+      for (int o = 16 * (lane % 4); o < bytes; o += 64) copy(o);
+    }
   }
 }
 
@@ -418,10 +428,21 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
     const u8* scale_at;
     const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
-    const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
+    const int from = half ? 128 * LEFT_BOXES : 0;  // the half's bytes of a row
+    const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
+    if (SHARED_ROW_GATHERS) {
+      const u32 tile = tiles + stage * TILE_BYTES;
+      const int first = n - threadIdx.x % 32;  // the warp's first row
+      gather_spans<true>(rec, ok, from, bytes, [&](int t, int o) {  // (rolled: fits registers)
+        const int m = first + t, i = (from + o) / 16;  // row m's 16-byte chunk i
+        return tile + (i / 8) * BOX_BYTES + m * 128 + (((i % 8) ^ (m % 8)) << 4);
+      });
+    } else {
+      const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
 #pragma unroll 1  // (not unrolled: fits the producer's registers)
-    for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
-      cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
+      for (int i = from / 16; i < (from + bytes) / 16; ++i)
+        cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
+    }
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
     if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
