@@ -22,8 +22,8 @@ SPILL_ALLOWANCE = {
     (("DTYPE_FP16", 0), ("SPARSE", 1)): 32,
     (("CLUSTER", 1), ("DTYPE_FP16", 0), ("SPARSE", 1)): 72,
     (("DTYPE_FP16", 0), ("MODEL1", 1), ("SPARSE", 1)): 48,
-    (("DTYPE_FP16", 0), ("SPARSE", 2)): 32,
-    (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SPARSE", 2)): 32,
+    (("DTYPE_FP16", 0), ("SPARSE", 2)): 16,
+    (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SPARSE", 2)): 16,
 }
 
 

@@ -76,7 +76,7 @@
 #define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
 #endif
 #ifndef SHARED_ROW_GATHERS  // SPARSE=2: a warp's lanes share the row gathers (gather_spans)
-#define SHARED_ROW_GATHERS 1  // (0: each thread copies its own row; for sm90_ab.py)
+#define SHARED_ROW_GATHERS 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
 #ifndef MODEL1  // SPARSE=1 over the MODEL1 layout (d_qk 512, 584-byte block-planar records)
 #define MODEL1 0
@@ -403,13 +403,12 @@ DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
     const int t = 8 * g + lane / 4;
     const u64 theirs = __shfl_sync(0xffffffffu, mine, t);
     const u8* src = reinterpret_cast<const u8*>(theirs & ~u64(1)) + from;
-    auto copy = [&](int o) { cp_async16(dst(t, o), src + o, theirs & 1); };
     if (ROLLED) {
 #pragma unroll 1
-      for (int o = 16 * (lane % 4); o < bytes; o += 64) copy(o);
+      for (int o = 16 * (lane % 4); o < bytes; o += 64) cp_async16(dst(t, o), src + o, theirs & 1);
     } else {
 #pragma unroll
-      for (int o = 16 * (lane % 4); o < bytes; o += 64) copy(o);
+      for (int o = 16 * (lane % 4); o < bytes; o += 64) cp_async16(dst(t, o), src + o, theirs & 1);
     }
   }
 }
@@ -428,9 +427,9 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
     const u8* scale_at;
     const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
-    const int from = half ? 128 * LEFT_BOXES : 0;  // the half's bytes of a row
-    const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
     if (SHARED_ROW_GATHERS) {
+      const int from = half ? 128 * LEFT_BOXES : 0;  // the half's bytes of a row
+      const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
       const u32 tile = tiles + stage * TILE_BYTES;
       const int first = n - threadIdx.x % 32;  // the warp's first row
       gather_spans<true>(rec, ok, from, bytes, [&](int t, int o) {  // (rolled: fits registers)
@@ -440,7 +439,7 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
     } else {
       const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
 #pragma unroll 1  // (not unrolled: fits the producer's registers)
-      for (int i = from / 16; i < (from + bytes) / 16; ++i)
+      for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
         cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
     }
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
@@ -582,16 +581,16 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
       return o < 64 ? box_q + BOX_BYTES + (first + t) * 128 + o
                     : staging + (32 * q + t) * 64 + o - 64;
     });
-    const u32 swz = n % 8;
-    // (warps 2-3) RoPE chunks 4(q - 2) .. 4(q - 2) + 3 of token n, at their swizzled places
-    const u32 rope = rope_box + opaque(n) * 128;
-    auto rope_chunk = [&](int c) { return rope + (((4 * (q - 2) + c) ^ swz) << 4); };
-    if (half == 1) {
+    if (half == 1)  // (warps 2-3) half of each RoPE row, at its swizzled places
       gather_spans(rec, ok, D_V + 16 + 64 * (q - 2), 64, [&](int t, int o) {
         const int m = first + t;
         return rope_box + m * 128 + (((4 * (q - 2) + o / 16) ^ (m % 8)) << 4);
       });
-    } else if (q == 0) {
+    const u32 swz = n % 8;
+    // RoPE chunks 4(q - 2) .. 4(q - 2) + 3 of token n
+    const u32 rope = rope_box + opaque(n) * 128;
+    auto rope_chunk = [&](int c) { return rope + (((4 * (q - 2) + c) ^ swz) << 4); };
+    if (q == 0) {
       const u32 flag = valid + stage * BLOCK + n;
       st_shared8(flag, ok);
       st_cluster8(flag + to_peer, ok);
