@@ -8,9 +8,9 @@ declares exactly what the kernels handle: compute capability 9.0 and
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
 The FP8 V3.2 sparse decode at h_q 128 runs as a 2-CTA cluster whose CTAs share the
-dequantization. The dense 2-CTA cluster build is used only when
-``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for it (:func:`flashmla_cuda.unverified_enabled`) until a
-measurement shows it faster. Every
+dequantization. The dense 2-CTA cluster build and two sparse producers (:func:`build_for`) are
+used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them
+(:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
 other case falls through the registry to the next backend, with these reasons. Inputs the
 kernels cannot address (misaligned base or strides) run the portable kernels instead, with a
 one-time warning.
@@ -69,10 +69,23 @@ def _values(**given) -> dict:
 
 
 def build_for(
-    fp16: bool, sparse: int = 0, cluster: bool = False, model1: bool = False, d_qk: int = 576
+    fp16: bool,
+    sparse: int = 0,
+    cluster: bool = False,
+    model1: bool = False,
+    d_qk: int = 576,
+    unverified: bool | None = None,
 ) -> Build:
+    """The build of one launch. ``unverified`` (default: what ``FLASHMLA_CUDA_SM90_UNVERIFIED``
+    asks for) adds the sparse producers not yet measured: ``fp8_pairs`` (FP8 without a
+    cluster) and ``row_gathers`` (bf16 rows)."""
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
+    wants = (lambda kind: unverified) if unverified is not None else unverified_enabled
+    if sparse == FP8 and not cluster and wants("fp8_pairs"):
+        extra["FP8_PAIRS"] = 1
+    if sparse == ROWS and wants("row_gathers"):
+        extra["SHARED_ROW_GATHERS"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512
@@ -84,10 +97,12 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     if cc != (9, 0):
         return []
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
-    sparse = [build_for(False, FP8, cluster=c) for c in (False, True)]
-    sparse += [build_for(False, FP8, model1=True)]
-    sparse += [build_for(False, ROWS, d_qk=d) for d in (576, 512)]
-    return [*dense, *sparse]
+    sparse = []
+    for unverified in (False, True):  # (the unverified producers: compiled in CI too)
+        sparse += [build_for(False, FP8, cluster=c, unverified=unverified) for c in (False, True)]
+        sparse += [build_for(False, FP8, model1=True, unverified=unverified)]
+        sparse += [build_for(False, ROWS, d_qk=d, unverified=unverified) for d in (576, 512)]
+    return [*dense, *dict.fromkeys(sparse)]
 
 
 def kv_tensor_map(cache: Tensor) -> bytes:

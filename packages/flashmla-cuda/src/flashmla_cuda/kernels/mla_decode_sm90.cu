@@ -75,6 +75,9 @@
 #ifndef DIAG  // sparse FP8 timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
 #define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
 #endif
+#ifndef FP8_PAIRS  // SPARSE=1 without CLUSTER: producer_fp8_pairs (raw bytes in their own rows,
+#define FP8_PAIRS 0  // both blocks of a pair in flight; off until measured on a GPU)
+#endif
 #ifndef SHARED_ROW_GATHERS  // SPARSE=2: a warp's lanes share the row gathers (gather_spans)
 #define SHARED_ROW_GATHERS 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
@@ -319,18 +322,21 @@ DEV void st_cluster16(u32 addr, u32 a, u32 b, u32 c, u32 d) {
                : "memory");
 }
 
-// Sparse: 64 e4m3 bytes at shared `raw` times the bf16 scale `s16` -> the swizzled 128-byte
-// bf16 row at `dst` (swizzle `swz`), 16 dims per step; with CLUSTER the same row into the
-// cluster peer too, at dst + `to_peer` (the peer's window, from mapa).
-DEV void dequant_row(u32 raw, u32 dst, u32 swz, u32 s16, u32 to_peer = 0) {
-  const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
-  const float s = __uint_as_float(s16 << 16);
-  const bool big = s > 128.f;  // s * 2^120 would overflow bf16: two multiplies
-  const u32 c = big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f);
-#pragma unroll DEQUANT_UNROLL
-  for (int u = 0; u < 4; ++u) {
-    u32 w[4];
-    ld_shared16(w, raw + u * 16);
+// Sparse: the bf16 scale `s16` as the multiplier of e4m3 bytes moved into bf16 bit positions
+// (e4m3x2_bits: 2^-120 times their values): s16 x 2^120, or s16 itself with a second multiply
+// by 2^120 first where that would overflow bf16 (`big`).
+struct Dequant {
+  u32 c;
+  bool big;
+  DEV static Dequant of(u32 s16) {
+    const float s = __uint_as_float(s16 << 16);
+    const bool big = s > 128.f;
+    return {big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f), big};
+  }
+  // 16 e4m3 bytes `w` (dims 16u .. 16u + 15 of a row) -> chunks 2u and 2u + 1 of the swizzled
+  // bf16 row at `dst`, and of the peer's at dst + `to_peer` with CLUSTER.
+  DEV void chunk(const u32 (&w)[4], int u, u32 dst, u32 swz, u32 to_peer) const {
+    const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
 #pragma unroll
     for (int q = 0; q < 2; ++q) {  // 8 dims (one 16-byte chunk) at a time
       u32 o[4];
@@ -340,10 +346,42 @@ DEV void dequant_row(u32 raw, u32 dst, u32 swz, u32 s16, u32 to_peer = 0) {
         if (big) o[e] = mul_bf16x2(o[e], two_120);
         o[e] = mul_bf16x2(o[e], c);
       }
-      const u32 chunk = ((2 * u + q) ^ swz) << 4;
-      st_shared16(dst + chunk, o[0], o[1], o[2], o[3]);
-      if (CLUSTER) st_cluster16(dst + to_peer + chunk, o[0], o[1], o[2], o[3]);
+      const u32 at = ((2 * u + q) ^ swz) << 4;
+      st_shared16(dst + at, o[0], o[1], o[2], o[3]);
+      if (CLUSTER) st_cluster16(dst + to_peer + at, o[0], o[1], o[2], o[3]);
     }
+  }
+};
+
+// Sparse: 64 e4m3 bytes at shared `raw` times the bf16 scale `s16` -> the swizzled 128-byte
+// bf16 row at `dst` (swizzle `swz`), 16 dims per step; with CLUSTER the same row into the
+// cluster peer too, at dst + `to_peer` (the peer's window, from mapa).
+DEV void dequant_row(u32 raw, u32 dst, u32 swz, u32 s16, u32 to_peer = 0) {
+  const Dequant d = Dequant::of(s16);
+#pragma unroll DEQUANT_UNROLL
+  for (int u = 0; u < 4; ++u) {
+    u32 w[4];
+    ld_shared16(w, raw + u * 16);
+    d.chunk(w, u, dst, swz, to_peer);
+  }
+}
+
+// Sparse, FP8_PAIRS: the same, in place: the 64 e4m3 bytes sit in the second half of the row
+// they expand into (bytes 64-127, unswizzled). Raw chunk u's output is the swizzled 32-byte pair
+// k = u ^ (swz / 2) of the row; raw chunks 0-1 occupy pair 2 and 2-3 pair 3. Two raw chunks are
+// read at a time, first those whose output lands in pairs 0-1 (no raw bytes), then the others,
+// whose output covers only raw bytes already in registers: no byte is overwritten unread, and
+// only this thread touches the row.
+DEV void dequant_in_row(u32 row, u32 swz, u32 s16) {
+  const Dequant d = Dequant::of(s16);
+#pragma unroll 1
+  for (int round = 0; round < 2; ++round) {
+    const int u0 = (round == 0) == (swz < 4) ? 0 : 2;
+    u32 w[2][4];
+    ld_shared16(w[0], row + 64 + 16 * u0);
+    ld_shared16(w[1], row + 80 + 16 * u0);
+    d.chunk(w[0], u0, row, swz, 0);
+    d.chunk(w[1], u0 + 1, row, swz, 0);
   }
 }
 
@@ -542,6 +580,75 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
     mbar_arrive(bars.full(stage, half));
   });
+}
+
+// Sparse FP8, FP8_PAIRS (all 128 threads; halves and tokens as in producer_sparse): slice j of
+// token n lands in the second half of row n of the half's box j and is dequantized in place
+// (dequant_in_row), so a block needs no staging slot and no barrier between boxes, and both
+// blocks of a pair are in flight before the producer waits for A's bytes: B's gather latency
+// hides behind A's, and A's dequantization behind B's copies. (Not across pairs: see
+// producer_rows.) The scales (two registers a block) are loaded when the block is issued.
+DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
+  const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
+  const Barriers bars{base + SMEM_BARS};
+  const int n = threadIdx.x % 64, half = threadIdx.x / 64;
+  const int slices = MODEL1 && half == 1 ? 3 : 4;
+  const int first = n - threadIdx.x % 32;  // the warp's first token
+  auto half_boxes = [&](int stage) { return tiles + stage * TILE_BYTES + 4 * half * BOX_BYTES; };
+  // Block `blk` of request `req` into `stage`: its copies issued and committed; returns the
+  // half's scales (V3.2 two fp32, MODEL1 UE8M0 bytes, as in producer_sparse).
+  auto issue = [&](int req, int blk, int stage, int fill) -> uint2 {
+    bool ok;
+    const u8* scale_at;
+    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
+    const uint2 scales =
+        ok ? (MODEL1 ? make_uint2(*reinterpret_cast<const u32*>(scale_at + 4 * half), 0)
+                     : *reinterpret_cast<const uint2*>(rec + D_V + 8 * half))
+           : make_uint2(0, 0);
+    mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
+    const u32 boxes = half_boxes(stage);
+    gather_spans(rec + 256 * half, ok && DIAG < 2, 0, 64 * slices, [&](int t, int o) {
+      return boxes + (o / 64) * BOX_BYTES + (first + t) * 128 + 64 + o % 64;
+    });
+    if (half == 1) {  // RoPE: 128 bytes straight into its box (swizzled)
+      const u32 rope_box = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
+      gather_spans(rec, ok, MODEL1 ? 448 : D_V + 16, 128, [&](int t, int o) {
+        return rope_box + (first + t) * 128 + (((o / 16) ^ ((first + t) % 8)) << 4);
+      });
+    } else {
+      st_shared8(valid + stage * BLOCK + n, ok);
+    }
+    cp_async_commit();
+    return scales;
+  };
+  // After the wait for the stage's copies: dequantize row n of each box, then arrive.
+  auto land = [&](int stage, uint2 scales) {
+    __syncwarp();  // (the lanes copied for each other)
+    const u32 row = half_boxes(stage) + opaque(n) * 128, swz = n % 8;
+#pragma unroll 1
+    for (int j = 0; j < slices; ++j) {
+      const u32 s16 = MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
+                             : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
+      if (DIAG % 2 == 0) dequant_in_row(row + j * BOX_BYTES, swz, s16);
+    }
+    fence_async_smem();  // the copies and stores, visible to the consumers' wgmma
+    mbar_arrive(bars.full(stage, half));
+  };
+  int uses[2] = {0, 0};
+  for (int req = part.begin_req; req <= part.end_req; ++req)
+    for_each_pair(p, part, req, [&](int a, bool has_b) {
+      const uint2 scales_a = issue(req, a, 0, uses[0]++);
+      if (has_b) {
+        const uint2 scales_b = issue(req, a + 1, 1, uses[1]++);
+        cp_async_wait<1>();
+        land(0, scales_a);
+        cp_async_wait<0>();
+        land(1, scales_b);
+      } else {
+        cp_async_wait<0>();
+        land(0, scales_a);
+      }
+    });
 }
 
 // Sparse FP8 (V3.2) over a 2-CTA cluster, CLUSTER=1: the two CTAs are the two 64-head tiles of
@@ -995,6 +1102,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
 #if SPARSE == 1
     if (CLUSTER)
       producer_sparse_cluster(p, Part::of(p, blockIdx.z), base);
+    else if (FP8_PAIRS)
+      producer_fp8_pairs(p, Part::of(p, blockIdx.z), base);
     else
       producer_sparse(p, Part::of(p, blockIdx.z), base);
 #elif SPARSE == 2
