@@ -26,6 +26,7 @@ SPILL_ALLOWANCE = {
     (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SPARSE", 2)): 16,
     # the unverified sparse producers (decode_sm90.build_for)
     (("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("SPARSE", 1)): 72,
+    (("CLUSTER", 1), ("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("SPARSE", 1)): 112,
     (("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("MODEL1", 1), ("SPARSE", 1)): 40,
     (("DTYPE_FP16", 0), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,
     (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,

@@ -400,15 +400,14 @@ def test_sm90_sparse_cluster_build_where_two_head_tiles(monkeypatch, h_q, fmt, e
 
 @pytest.mark.parametrize(
     "env,sparse,cluster,define",
-    [("fp8_pairs", decode_sm90.FP8, False, "FP8_PAIRS"), ("fp8_pairs", decode_sm90.FP8, True, None),
+    [("fp8_pairs", decode_sm90.FP8, False, "FP8_PAIRS"), ("fp8_pairs", decode_sm90.FP8, True, "FP8_PAIRS"),
      ("row_gathers", decode_sm90.ROWS, False, "SHARED_ROW_GATHERS"), ("", decode_sm90.FP8, False, None),
      ("1", decode_sm90.ROWS, False, "SHARED_ROW_GATHERS")],
 )  # fmt: skip
 def test_sm90_unverified_sparse_producers_only_on_request(
     monkeypatch, env, sparse, cluster, define
 ):
-    """The sparse producers not yet measured are built only when asked for, and the pipelined
-    FP8 one never into the cluster build (which has its own producer)."""
+    """The sparse producers not yet measured are built only when asked for."""
     monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", env)
     defines = dict(decode_sm90.build_for(False, sparse, cluster=cluster).defines)
     unverified = {"FP8_PAIRS", "SHARED_ROW_GATHERS"} & set(defines)

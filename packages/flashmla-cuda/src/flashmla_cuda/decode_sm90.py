@@ -77,12 +77,12 @@ def build_for(
     unverified: bool | None = None,
 ) -> Build:
     """The build of one launch. ``unverified`` (default: what ``FLASHMLA_CUDA_SM90_UNVERIFIED``
-    asks for) adds the sparse producers not yet measured: ``fp8_pairs`` (FP8 without a
-    cluster) and ``row_gathers`` (bf16 rows)."""
+    asks for) adds the sparse producers not yet measured: ``fp8_pairs`` (FP8, both blocks of
+    a pair in flight) and ``row_gathers`` (bf16 rows, the gathers shared by a warp's lanes)."""
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
     wants = (lambda kind: unverified) if unverified is not None else unverified_enabled
-    if sparse == FP8 and not cluster and wants("fp8_pairs"):
+    if sparse == FP8 and wants("fp8_pairs"):
         extra["FP8_PAIRS"] = 1
     if sparse == ROWS and wants("row_gathers"):
         extra["SHARED_ROW_GATHERS"] = 1

@@ -75,7 +75,7 @@
 #ifndef DIAG  // sparse FP8 timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
 #define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
 #endif
-#ifndef FP8_PAIRS  // SPARSE=1 without CLUSTER: producer_fp8_pairs (raw bytes in their own rows,
+#ifndef FP8_PAIRS  // SPARSE=1: producer_fp8_pairs (raw bytes dequantized in their own rows,
 #define FP8_PAIRS 0  // both blocks of a pair in flight; off until measured on a GPU)
 #endif
 #ifndef SHARED_ROW_GATHERS  // SPARSE=2: a warp's lanes share the row gathers (gather_spans)
@@ -371,8 +371,8 @@ DEV void dequant_row(u32 raw, u32 dst, u32 swz, u32 s16, u32 to_peer = 0) {
 // k = u ^ (swz / 2) of the row; raw chunks 0-1 occupy pair 2 and 2-3 pair 3. Two raw chunks are
 // read at a time, first those whose output lands in pairs 0-1 (no raw bytes), then the others,
 // whose output covers only raw bytes already in registers: no byte is overwritten unread, and
-// only this thread touches the row.
-DEV void dequant_in_row(u32 row, u32 swz, u32 s16) {
+// only this thread touches the row. With CLUSTER the row goes to the peer too (dequant_row).
+DEV void dequant_in_row(u32 row, u32 swz, u32 s16, u32 to_peer = 0) {
   const Dequant d = Dequant::of(s16);
 #pragma unroll 1
   for (int round = 0; round < 2; ++round) {
@@ -380,8 +380,8 @@ DEV void dequant_in_row(u32 row, u32 swz, u32 s16) {
     u32 w[2][4];
     ld_shared16(w[0], row + 64 + 16 * u0);
     ld_shared16(w[1], row + 80 + 16 * u0);
-    d.chunk(w[0], u0, row, swz, 0);
-    d.chunk(w[1], u0 + 1, row, swz, 0);
+    d.chunk(w[0], u0, row, swz, to_peer);
+    d.chunk(w[1], u0 + 1, row, swz, to_peer);
   }
 }
 
@@ -582,56 +582,89 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
   });
 }
 
-// Sparse FP8, FP8_PAIRS (all 128 threads; halves and tokens as in producer_sparse): slice j of
-// token n lands in the second half of row n of the half's box j and is dequantized in place
-// (dequant_in_row), so a block needs no staging slot and no barrier between boxes, and both
-// blocks of a pair are in flight before the producer waits for A's bytes: B's gather latency
-// hides behind A's, and A's dequantization behind B's copies. (Not across pairs: see
-// producer_rows.) The scales (two registers a block) are loaded when the block is issued.
+// Sparse FP8, FP8_PAIRS (all 128 threads; tokens and dims as in producer_sparse, or with CLUSTER
+// as in producer_sparse_cluster): slice j of a token lands in the second half of the token's
+// row of box j and is dequantized in place (dequant_in_row), so a block needs no staging slot
+// and no barrier between boxes, and both blocks of a pair are in flight before the producer
+// waits for A's bytes: B's gather latency hides behind A's, and A's dequantization behind B's
+// copies. (Not across pairs: see producer_rows.) The scales (two registers a block) are loaded
+// when the block is issued.
 DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
   const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
   const Barriers bars{base + SMEM_BARS};
-  const int n = threadIdx.x % 64, half = threadIdx.x / 64;
-  const int slices = MODEL1 && half == 1 ? 3 : 4;
+  // This thread's token n and boxes [box0, box0 + boxes); the full barrier it arrives on (half).
+  // Cluster: warp q takes dims [128q, 128q + 128) (boxes 2q, 2q + 1, scale q) of the CTA's 32
+  // tokens; else half h (warps 2h, 2h + 1) takes its boxes of all 64 tokens.
+  const u32 rank = CLUSTER ? cluster_rank() : 0, peer = rank ^ 1;
+  const u32 to_peer = CLUSTER ? map_shared(base, peer) - base : 0;
+  const int q = threadIdx.x / 32;
+  const int n = CLUSTER ? 32 * (int)rank + threadIdx.x % 32 : threadIdx.x % 64;
+  const int half = CLUSTER ? q / 2 : threadIdx.x / 64;
+  const int box0 = CLUSTER ? 2 * q : 4 * half;
+  const int boxes = CLUSTER ? 2 : (MODEL1 && half == 1 ? 3 : 4);
   const int first = n - threadIdx.x % 32;  // the warp's first token
-  auto half_boxes = [&](int stage) { return tiles + stage * TILE_BYTES + 4 * half * BOX_BYTES; };
+  // (warps 2-3) the RoPE bytes of each token they copy: all 128, or with CLUSTER their half
+  const int rope_part = CLUSTER ? 64 * (q - 2) : 0, rope_bytes = CLUSTER ? 64 : 128;
+  auto rope_box = [&](int stage) {
+    return tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
+  };
   // Block `blk` of request `req` into `stage`: its copies issued and committed; returns the
-  // half's scales (V3.2 two fp32, MODEL1 UE8M0 bytes, as in producer_sparse).
+  // scales of this thread's boxes (V3.2 fp32: two, or with CLUSTER one; MODEL1 UE8M0 bytes).
   auto issue = [&](int req, int blk, int stage, int fill) -> uint2 {
     bool ok;
     const u8* scale_at;
     const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     const uint2 scales =
-        ok ? (MODEL1 ? make_uint2(*reinterpret_cast<const u32*>(scale_at + 4 * half), 0)
-                     : *reinterpret_cast<const uint2*>(rec + D_V + 8 * half))
-           : make_uint2(0, 0);
+        !ok       ? make_uint2(0, 0)
+        : MODEL1  ? make_uint2(*reinterpret_cast<const u32*>(scale_at + 4 * half), 0)
+        : CLUSTER ? make_uint2(*reinterpret_cast<const u32*>(rec + D_V + 4 * q), 0)
+                  : *reinterpret_cast<const uint2*>(rec + D_V + 8 * half);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
-    const u32 boxes = half_boxes(stage);
-    gather_spans(rec + 256 * half, ok && DIAG < 2, 0, 64 * slices, [&](int t, int o) {
-      return boxes + (o / 64) * BOX_BYTES + (first + t) * 128 + 64 + o % 64;
+    const u32 tile = tiles + stage * TILE_BYTES;
+    gather_spans(rec + 64 * box0, ok && DIAG < 2, 0, 64 * boxes, [&](int t, int o) {
+      return tile + (box0 + o / 64) * BOX_BYTES + (first + t) * 128 + 64 + o % 64;
     });
-    if (half == 1) {  // RoPE: 128 bytes straight into its box (swizzled)
-      const u32 rope_box = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
-      gather_spans(rec, ok, MODEL1 ? 448 : D_V + 16, 128, [&](int t, int o) {
-        return rope_box + (first + t) * 128 + (((o / 16) ^ ((first + t) % 8)) << 4);
+    if (q >= 2 && (CLUSTER || half == 1))  // RoPE straight into its box (swizzled)
+      gather_spans(rec, ok, (MODEL1 ? 448 : D_V + 16) + rope_part, rope_bytes, [&](int t, int o) {
+        const int m = first + t;
+        return rope_box(stage) + m * 128 + ((((rope_part + o) / 16) ^ (m % 8)) << 4);
       });
-    } else {
-      st_shared8(valid + stage * BLOCK + n, ok);
+    if (q == 0 || (!CLUSTER && q == 1)) {
+      const u32 flag = valid + stage * BLOCK + n;
+      st_shared8(flag, ok);
+      if (CLUSTER) st_cluster8(flag + to_peer, ok);
     }
     cp_async_commit();
     return scales;
   };
-  // After the wait for the stage's copies: dequantize row n of each box, then arrive.
+  // After the wait for the stage's copies: dequantize the token's row of each box (and with
+  // CLUSTER pass the RoPE part on to the peer), then arrive.
   auto land = [&](int stage, uint2 scales) {
     __syncwarp();  // (the lanes copied for each other)
-    const u32 row = half_boxes(stage) + opaque(n) * 128, swz = n % 8;
+    const u32 swz = n % 8;
+    if (CLUSTER && q >= 2) {
+      const u32 rope = rope_box(stage) + opaque(n) * 128;
 #pragma unroll 1
-    for (int j = 0; j < slices; ++j) {
-      const u32 s16 = MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
-                             : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
-      if (DIAG % 2 == 0) dequant_in_row(row + j * BOX_BYTES, swz, s16);
+      for (int c = rope_part / 16; c < (rope_part + 64) / 16; ++c) {
+        u32 w[4];
+        ld_shared16(w, rope + ((c ^ swz) << 4));
+        st_cluster16(rope + ((c ^ swz) << 4) + to_peer, w[0], w[1], w[2], w[3]);
+      }
+    }
+    const u32 row = tiles + stage * TILE_BYTES + box0 * BOX_BYTES + opaque(n) * 128;
+#pragma unroll 1
+    for (int j = 0; j < boxes; ++j) {
+      // bf16(scale), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
+      const u32 s16 = MODEL1    ? ((scales.x >> (8 * j)) & 0xff) << 7
+                      : CLUSTER ? pack2(__uint_as_float(scales.x), 0.f)
+                                : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
+      if (DIAG % 2 == 0) dequant_in_row(row + j * BOX_BYTES, swz, s16, to_peer);
     }
     fence_async_smem();  // the copies and stores, visible to the consumers' wgmma
+    if (CLUSTER) {
+      fence_async_cluster_smem();
+      mbar_arrive_cluster(bars.full(stage, half), peer);
+    }
     mbar_arrive(bars.full(stage, half));
   };
   int uses[2] = {0, 0};
@@ -1100,10 +1133,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
 #if SPARSE == 1
-    if (CLUSTER)
-      producer_sparse_cluster(p, Part::of(p, blockIdx.z), base);
-    else if (FP8_PAIRS)
+    if (FP8_PAIRS)
       producer_fp8_pairs(p, Part::of(p, blockIdx.z), base);
+    else if (CLUSTER)
+      producer_sparse_cluster(p, Part::of(p, blockIdx.z), base);
     else
       producer_sparse(p, Part::of(p, blockIdx.z), base);
 #elif SPARSE == 2
