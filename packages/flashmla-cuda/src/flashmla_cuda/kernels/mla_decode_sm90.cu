@@ -72,8 +72,8 @@
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows)
 #define PAIR_LOADS 1
 #endif
-#ifndef DIAG  // sparse FP8 timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
-#define DIAG 0  // 2 no gathers, 3 neither (producer_sparse)
+#ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
+#define DIAG 0  // 2 no gathers (FP8: of the NoPE bytes), 3 neither
 #endif
 #ifndef FP8_PAIRS  // SPARSE=1: producer_fp8_pairs (raw bytes dequantized in their own rows,
 #define FP8_PAIRS 0  // both blocks of a pair in flight; off until measured on a GPU)
@@ -470,7 +470,7 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
       const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
       const u32 tile = tiles + stage * TILE_BYTES;
       const int first = n - threadIdx.x % 32;  // the warp's first row
-      gather_spans<true>(rec, ok, from, bytes, [&](int t, int o) {  // (rolled: fits registers)
+      gather_spans<true>(rec, ok && DIAG < 2, from, bytes, [&](int t, int o) {  // (rolled: fits)
         const int m = first + t, i = (from + o) / 16;  // row m's 16-byte chunk i
         return tile + (i / 8) * BOX_BYTES + m * 128 + (((i % 8) ^ (m % 8)) << 4);
       });
@@ -478,7 +478,8 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
       const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
 #pragma unroll 1  // (not unrolled: fits the producer's registers)
       for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
-        cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16, ok);
+        cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16,
+                   ok && DIAG < 2);
     }
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
