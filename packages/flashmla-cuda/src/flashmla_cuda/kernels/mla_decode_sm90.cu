@@ -626,10 +626,11 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
       return tile + (box0 + o / 64) * BOX_BYTES + (first + t) * 128 + 64 + o % 64;
     });
     if (q >= 2 && (CLUSTER || half == 1))  // RoPE straight into its box (swizzled)
-      gather_spans(rec, ok, (MODEL1 ? 448 : D_V + 16) + rope_part, rope_bytes, [&](int t, int o) {
-        const int m = first + t;
-        return rope_box(stage) + m * 128 + ((((rope_part + o) / 16) ^ (m % 8)) << 4);
-      });
+      gather_spans(rec, ok, (MODEL1 ? 448 : D_V + 16) + rope_part, rope_bytes,
+                   [&](int t, int o) {
+                     const int m = first + t;
+                     return rope_box(stage) + m * 128 + ((((rope_part + o) / 16) ^ (m % 8)) << 4);
+                   });
     if (q == 0 || (!CLUSTER && q == 1)) {
       const u32 flag = valid + stage * BLOCK + n;
       st_shared8(flag, ok);
@@ -693,9 +694,9 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
 // after a warp sync only the token's thread reads them: dims 0-63 in its own row of box 2q + 1
 // (which the peer never writes), dims 64-127 in its 64 bytes of the staging slots. Box 2q is
 // written first, then box 2q + 1, so no thread overwrites bytes it has not read. Warps 2-3 also
-// copy half of their tokens' RoPE rows each into box 8, then from there into the peer's. Each writer arrives on the half's
-// full barrier of both CTAs (after a proxy fence for the cluster's shared memory); the
-// consumers of both release every stage to both.
+// copy half of their tokens' RoPE rows each into box 8, then from there into the peer's. Each
+// writer arrives on the half's full barrier of both CTAs (after a proxy fence for the cluster's
+// shared memory); the consumers of both release every stage to both.
 DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 base) {
   const u32 tiles = base + SMEM_K, staging = base + SMEM_STAGING, valid = base + SMEM_VALID;
   const Barriers bars{base + SMEM_BARS};
