@@ -117,7 +117,7 @@ SPARSE_SMALL = [
     dict(b=2, s_q=1, h_q=64, topk=64, s_k=100, cache_format="fp8_model1", extra_topk=64,
          extra_topk_length=True),
     dict(b=2, s_q=1, h_q=64, topk=64, s_k=100, cache_format="bf16", contiguous=False),
-    # h_q 128: the two head tiles (FP8 V3.2: the SM90 sparse cluster build when asked for)
+    # h_q 128: the two head tiles (FP8 V3.2: the SM90 sparse cluster build)
     dict(b=2, s_q=2, h_q=128, topk=128, s_k=200, attn_sink=True, topk_length=True, extra_topk=64,
          extra_topk_length=True),
 ]  # fmt: skip

@@ -57,7 +57,8 @@
 // it.
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
-// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS, PREFETCH_L2.
+// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS, PREFETCH_L2, FP8_PAIRS,
+// SHARED_ROW_GATHERS, DIAG (timing probes only).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -425,7 +426,7 @@ DEV void prefetch_next_pair(const DecodeParams& p, const Part& part, int req, in
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(rec), "r"(RECORD_BYTES));
 }
 
-// Sparse FP8: cp.async of `bytes` (a multiple of 64) at offset `from` of each of the
+// Sparse: cp.async of `bytes` (a multiple of 64) at offset `from` of each of the
 // warp's 32 records (lane t's is `rec`, zero-filled unless `ok`) to shared `dst(t, o)` (byte o of
 // token t's span). The lanes take turns: each instruction copies whole 64-byte runs of 8 records
 // (4 lanes a run) instead of 16 bytes of each of 32 records, so it asks for 16 full sectors, not

@@ -34,23 +34,19 @@ DEV void mbar_arrive_expect(u32 bar, u32 bytes) {
 // Wait until the phase of parity `parity` has completed (parity 1 of a fresh barrier counts as
 // completed: producers wait on it before their first fill). CLUSTER_SCOPE: acquire at cluster
 // scope, for phases completed by a peer CTA's release-arrives after its stores into this CTA.
+// (the spin loop around one try_wait; SEM: its memory semantics qualifiers)
+#define MBAR_WAIT_LOOP(SEM)                                                      \
+  "{\n.reg .pred done;\nWAIT:\n"                                                \
+  "mbarrier.try_wait.parity" SEM ".shared::cta.b64 done, [%0], %1;\n"             \
+  "@!done bra WAIT;\n}"
 template <bool CLUSTER_SCOPE = false>
 DEV void mbar_wait(u32 bar, u32 parity) {
   if (CLUSTER_SCOPE)
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n}" ::"r"(bar),
-        "r"(parity)
-        : "memory");
+    asm volatile(MBAR_WAIT_LOOP(".acquire.cluster")::"r"(bar), "r"(parity) : "memory");
   else
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n}" ::"r"(bar),
-        "r"(parity)
-        : "memory");
+    asm volatile(MBAR_WAIT_LOOP("")::"r"(bar), "r"(parity) : "memory");
 }
+#undef MBAR_WAIT_LOOP
 
 // Barrier initialisation visible to the async proxy (the copy engine) before first use.
 DEV void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
