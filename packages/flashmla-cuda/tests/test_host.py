@@ -402,13 +402,13 @@ def test_sm90_sparse_cluster_build_where_two_head_tiles(monkeypatch, h_q, fmt, e
     "env,sparse,cluster,define",
     [("fp8_pairs", decode_sm90.FP8, False, "FP8_PAIRS"), ("fp8_pairs", decode_sm90.FP8, True, "FP8_PAIRS"),
      ("row_gathers", decode_sm90.ROWS, False, "SHARED_ROW_GATHERS"), ("", decode_sm90.FP8, False, None),
-     ("1", decode_sm90.ROWS, False, "SHARED_ROW_GATHERS")],
+     ("1", decode_sm90.ROWS, False, "SHARED_ROW_GATHERS,PIPE"), ("pipe", decode_sm90.FP8, True, "PIPE"),
+     ("pipe,row_gathers", decode_sm90.ROWS, False, "SHARED_ROW_GATHERS,PIPE"), ("pipe", 0, False, None)],
 )  # fmt: skip
-def test_sm90_unverified_sparse_producers_only_on_request(
-    monkeypatch, env, sparse, cluster, define
-):
-    """The sparse producers not yet measured are built only when asked for."""
+def test_sm90_unverified_sparse_variants_only_on_request(monkeypatch, env, sparse, cluster, define):
+    """The sparse variants not yet measured are built only when asked for (and PIPE, a sparse
+    schedule, never for dense decode)."""
     monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", env)
     defines = dict(decode_sm90.build_for(False, sparse, cluster=cluster).defines)
-    unverified = {"FP8_PAIRS", "SHARED_ROW_GATHERS"} & set(defines)
-    assert unverified == ({define} if define else set())
+    unverified = {"FP8_PAIRS", "SHARED_ROW_GATHERS", "PIPE"} & set(defines)
+    assert unverified == (set(define.split(",")) if define else set())

@@ -18,6 +18,8 @@ one-time warning.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor
 
@@ -74,18 +76,21 @@ def build_for(
     cluster: bool = False,
     model1: bool = False,
     d_qk: int = 576,
-    unverified: bool | None = None,
+    unverified: Collection[str] | None = None,
 ) -> Build:
-    """The build of one launch. ``unverified`` (default: what ``FLASHMLA_CUDA_SM90_UNVERIFIED``
-    asks for) adds the sparse producers not yet measured: ``fp8_pairs`` (FP8, both blocks of
-    a pair in flight) and ``row_gathers`` (bf16 rows, the gathers shared by a warp's lanes)."""
+    """The build of one launch. ``unverified`` (default: the kinds ``FLASHMLA_CUDA_SM90_UNVERIFIED``
+    asks for) adds the sparse variants not yet measured: ``fp8_pairs`` (FP8, both blocks of a
+    pair in flight), ``row_gathers`` (bf16 rows, the gathers shared by a warp's lanes) and
+    ``pipe`` (the blocks pipelined through the two stages instead of the seesaw's pairs)."""
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
-    wants = (lambda kind: unverified) if unverified is not None else unverified_enabled
+    wants = unverified_enabled if unverified is None else unverified.__contains__
     if sparse == FP8 and wants("fp8_pairs"):
         extra["FP8_PAIRS"] = 1
     if sparse == ROWS and wants("row_gathers"):
         extra["SHARED_ROW_GATHERS"] = 1
+    if sparse and wants("pipe"):
+        extra["PIPE"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512
@@ -98,7 +103,8 @@ def builds(cc: tuple[int, int]) -> list[Build]:
         return []
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
     sparse = []
-    for unverified in (False, True):  # (the unverified producers: compiled in CI too)
+    # (the unverified variants: compiled in CI too)
+    for unverified in ((), ("fp8_pairs", "row_gathers"), ("pipe", "row_gathers")):
         sparse += [build_for(False, FP8, cluster=c, unverified=unverified) for c in (False, True)]
         sparse += [build_for(False, FP8, model1=True, unverified=unverified)]
         sparse += [build_for(False, ROWS, d_qk=d, unverified=unverified) for d in (576, 512)]

@@ -56,9 +56,15 @@
 // token is dequantized once. Either way a stage is refilled once both CTAs' consumers released
 // it.
 //
+// PIPE=1 (sparse): the seesaw holds both stages for a whole pair, so the producer refills
+// them only between pairs and its chain (gather, dequantize) is exposed once a pair. With PIPE
+// the blocks go through the stages one after another instead: the left consumer scores every
+// block and multiplies the left V columns (P from registers), the right one multiplies the
+// right columns with P from shared memory, and a stage is refilled while the other computes.
+//
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
-// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PAIR_LOADS, PREFETCH_L2, FP8_PAIRS,
-// SHARED_ROW_GATHERS, DIAG (timing probes only).
+// 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PIPE, PAIR_LOADS, PREFETCH_L2,
+// FP8_PAIRS, SHARED_ROW_GATHERS, DIAG (timing probes only).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -70,8 +76,12 @@
 #ifndef PREFETCH_L2  // sparse: the next pair's records prefetched into L2 (prefetch_next_pair)
 #define PREFETCH_L2 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
-#ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows)
-#define PAIR_LOADS 1
+#ifndef PIPE  // sparse: the blocks pipelined through the two stages (consumer's PIPE branch)
+#define PIPE 0  // (off until measured on a GPU: NOTES-sm90.md)
+#endif
+static_assert(!PIPE || SPARSE, "the pipelined consumers are sparse only");
+#ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows; with
+#define PAIR_LOADS (!PIPE)  // PIPE a block's copies would wait for the stage of the next)
 #endif
 #ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
 #define DIAG 0  // 2 no gathers (FP8: of the NoPE bytes), 3 neither
@@ -142,9 +152,10 @@ constexpr int SMEM_BYTES = SMEM_END + 1024;  // + alignment slack
 static_assert(SMEM_BYTES <= 227 * 1024, "fits Hopper's 227 KB per block");
 
 // Readers of each half (one arrive per warp of each reading consumer): A's left half only the
-// left consumer (S_A, P_A V_A); A's right half and both of B's, both consumers.
+// left consumer (S_A, P_A V_A); A's right half and both of B's, both consumers. PIPE: the left
+// half its left consumer, the right half its right one (which reads it after the left's Q K^T).
 DEV u32 empty_count(int stage, int half) {
-  return (stage == 0 && half == 0 ? 4 : 8) * (CLUSTER ? 2 : 1);  // (both CTAs' readers)
+  return (PIPE || (stage == 0 && half == 0) ? 4 : 8) * (CLUSTER ? 2 : 1);  // (both CTAs')
 }
 
 DEV u32 half_boxes(int half) { return half == 0 ? LEFT_BOXES : BOXES - LEFT_BOXES; }
@@ -781,20 +792,26 @@ struct Consumer {
 
   // S = Q K^T for the block in `stage`, both halves as they land (N = 64: all tokens).
   DEV void scores(float (&s)[32], int stage) const {
+    scores_issue(s, stage, uses[stage] & 1);
+    wgmma_wait<0>();
+    fence_regs(s);
+  }
+  // (committed, not waited for; `parity`: of the stage's full barriers)
+  // PIPE: both halves waited for first. A wait loop between the wgmmas while the previous
+  // block's P V may still run makes ptxas serialize every wgmma of the kernel.
+  DEV void scores_issue(float (&s)[32], int stage, u32 parity) const {
     const u64 q_desc = smem_desc(q_smem, 16, 1024);
     const u64 k_desc = smem_desc(k_smem + stage * TILE_BYTES, 16, 1024);
-    const u32 parity = uses[stage] & 1;
     mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 0), parity);
+    if (PIPE) mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < D_QK / 16; ++k) {
-      if (k == LEFT_BOXES * 4) mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
+      if (!PIPE && k == LEFT_BOXES * 4) mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
       const u32 off = ((k / 4) * BOX_BYTES + (k % 4) * 32) >> 4;
       wgmma_m64n64k16(s, q_desc + off, k_desc + off, k > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(s);
   }
 
   // Scale and mask block `blk` of a request in `stage` (dense: length, invalid page, causal;
@@ -933,15 +950,17 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   // that pair's P V and the epilogue.
   int q_issued = -1;
   auto issue_q = [&](int req) {
-    for (int i = opaque(tid); i < BLOCK * BOXES * 8; i += CONSUMERS) {
-      const int r = i / (BOXES * 8), chunk = i % (BOXES * 8);
-      int t, h;
-      const bool ok = query_row(p, r, t, h);
-      const u16* src = ok ? p.q + req * p.q_b + t * p.q_t + h * p.q_h + chunk * 8 : p.q;
-      cp_async16(self.q_smem + (chunk / 8) * BOX_BYTES + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
-                 src, ok);
+    if (!PIPE || c == 0) {  // (PIPE: the left consumer, Q's only reader, loads it)
+      for (int i = opaque(tid); i < BLOCK * BOXES * 8; i += PIPE ? 128 : CONSUMERS) {
+        const int r = i / (BOXES * 8), chunk = i % (BOXES * 8);
+        int t, h;
+        const bool ok = query_row(p, r, t, h);
+        const u16* src = ok ? p.q + req * p.q_b + t * p.q_t + h * p.q_h + chunk * 8 : p.q;
+        cp_async16(self.q_smem + (chunk / 8) * BOX_BYTES + r * 128 + (((chunk % 8) ^ (r % 8)) << 4),
+                   src, ok);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
     q_issued = req;
   };
   auto start_request = [&](int req) {  // Q in shared memory, statistics reset
@@ -960,10 +979,21 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   auto finish_request = [&](int req) {
     for (int i = 0; i < 2; ++i) {
       l[i] = warp_sum4(l[i]);
-      if (self.t4 == 0) sums[c * BLOCK + self.row_local[i]] = l[i];
+      if (self.t4 == 0 && (!PIPE || c == 0)) {
+        sums[c * BLOCK + self.row_local[i]] = l[i];
+        if (PIPE) sums[BLOCK + self.row_local[i]] = m[i];  // (PIPE: the left keeps l and m)
+      }
     }
     named_barrier(BAR_BOTH, CONSUMERS);
-    for (int i = 0; i < 2; ++i) l[i] = sums[self.row_local[i]] + sums[BLOCK + self.row_local[i]];
+    for (int i = 0; i < 2; ++i) {
+      const int r = self.row_local[i];
+      if (PIPE) {
+        l[i] = sums[r];
+        m[i] = sums[BLOCK + r];
+      } else {
+        l[i] = sums[r] + sums[BLOCK + r];
+      }
+    }
     const bool piece = (req == part.begin_req && part.first_split) ||
                        (req == part.end_req && part.last_split);
     const int slot = piece ? p.num_splits[req] + (req == part.begin_req ? part.begin_split : 0) : 0;
@@ -1000,8 +1030,88 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
     }
   };
 
+  // PIPE, left consumer: block k's Q K^T is issued before block k-1's P V (P from registers),
+  // and waited for while that P V still runs; then the P V is waited for, k-1's stage half
+  // released and O rescaled for block k. (This order, flash-attention 3's, ptxas keeps
+  // asynchronous; reading an accumulator of the previous iteration after a partial wait makes
+  // it serialize every wgmma.)
+  u32 frag_left[4][4];
+  int p_stage = -1;  // the stage whose P (in frag_left) awaits its P V, or -1
+  float* const alphas = max_a;  // PIPE: per stage, the left's rescale factors for the right
+  auto left_block = [&](int req, int blk, int stage, u32 parity, bool last) {
+    float s[32], mx[2], sum[2], alpha[2];
+    self.scores_issue(s, stage, parity);
+    if (p_stage >= 0) {
+      self.pv_regs(o, frag_left, p_stage, 0);  // O_L += P V[:, left] of the previous block
+      wgmma_wait<1>();
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_regs(s);
+    self.mask(s, mx, part.length(p, req), blk, nullptr, stage);
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m[i], mx[i]);
+      alpha[i] = rescale(m[i], m_new);
+      m[i] = m_new;
+    }
+    self.exponentiate(s, m, sum);
+    for (int i = 0; i < 2; ++i) {
+      l[i] = l[i] * alpha[i] + sum[i];
+      if (self.t4 == 0) alphas[stage * BLOCK + self.row_local[i]] = alpha[i];
+    }
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(frag_left);
+    if (p_stage >= 0) self.release(p_stage, 0);
+    to_frags(s, frag_left);
+    const float one[2] = {1.f, 1.f};
+    self.store_p(frag_left, one, stage);
+    fence_async_smem();
+    named_barrier(BAR_P_A, CONSUMERS);  // P and the factors published
+    if (PREFETCH_Q && last && req < part.end_req) issue_q(req + 1);  // (its Q K^T done)
+    scale_rows(o, alpha);
+    p_stage = stage;
+  };
+  auto finish_left = [&] {  // the last block's P V
+    if (p_stage >= 0) self.pv_regs(o, frag_left, p_stage, 0);
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(frag_left);
+    if (p_stage >= 0) self.release(p_stage, 0);
+    p_stage = -1;
+  };
+  auto right_block = [&](int req, int stage, bool last) {
+    named_barrier(BAR_P_A, CONSUMERS);
+    float alpha[2];
+    for (int i = 0; i < 2; ++i) alpha[i] = alphas[stage * BLOCK + self.row_local[i]];
+    if (PREFETCH_Q && last && req < part.end_req) issue_q(req + 1);  // (the flag only)
+    scale_rows(o, alpha);
+    self.pv_smem(o, stage, stage, LEFT_BOXES);  // O_R = O_R alpha + P V[:, right]
+    wgmma_wait<0>();
+    fence_regs(o);
+    self.release(stage, 1);
+  };
+
   for (int req = part.begin_req; req <= part.end_req; ++req) {
   start_request(req);
+  if (PIPE) {  // (one loop per consumer: no wgmma of one seems pending in the other's code)
+    // Block k of the request is fill uses[k % 2] + k / 2 of stage k % 2. (One loop per
+    // consumer, so that ptxas sees no wgmma of the left pending in the right's code; stages
+    // and fills by value: an indexed `uses` would put the consumer's state on the stack.)
+    const int lo = part.lo(req), hi = part.hi(p, req);
+    const int u0 = self.uses[0], u1 = self.uses[1];
+    if (c == 0) {
+      for (int k = 0; k < hi - lo; ++k)
+        left_block(req, lo + k, k % 2, ((k % 2 ? u1 : u0) + k / 2) & 1, lo + k + 1 >= hi);
+      finish_left();
+    } else {
+      for (int k = 0; k < hi - lo; ++k) right_block(req, k % 2, lo + k + 1 >= hi);
+    }
+    self.uses[0] = u0 + (max(hi - lo, 0) + 1) / 2;
+    self.uses[1] = u1 + max(hi - lo, 0) / 2;
+    finish_request(req);
+    continue;
+  }
   for_each_pair(p, part, req, [&](int a, bool has_b) {
     const int length = part.length(p, req);
     const int* table = p.block_table + req * p.table_b;
