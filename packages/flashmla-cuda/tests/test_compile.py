@@ -30,17 +30,6 @@ SPILL_ALLOWANCE = {
     (("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("MODEL1", 1), ("SPARSE", 1)): 40,
     (("DTYPE_FP16", 0), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,
     (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,
-    (("DTYPE_FP16", 0), ("PIPE", 1), ("SPARSE", 1)): 24,
-    (("CLUSTER", 1), ("DTYPE_FP16", 0), ("PIPE", 1), ("SPARSE", 1)): 64,
-    (("DTYPE_FP16", 0), ("MODEL1", 1), ("PIPE", 1), ("SPARSE", 1)): 48,
-    (("DTYPE_FP16", 0), ("PIPE", 1), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,
-    (
-        ("DTYPE_FP16", 0),
-        ("D_QK_DIM", 512),
-        ("PIPE", 1),
-        ("SHARED_ROW_GATHERS", 1),
-        ("SPARSE", 2),
-    ): 32,
 }
 
 

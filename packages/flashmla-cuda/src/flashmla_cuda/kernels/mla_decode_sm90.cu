@@ -121,15 +121,18 @@ constexpr int CONSUMERS = 256;                 // two consumer warpgroups
 constexpr int THREADS = 128 + CONSUMERS;
 // Registers per thread after the reallocation. The pool is what the launch allocated, 168 per
 // thread (__launch_bounds__(384, 1)): 168 x 384 = 24 x 128 + 240 x 256. The consumers need 240
-// (128 accumulators, the scores and P fragments), so the producer gets 24. A larger sum makes
-// setmaxnreg.inc wait forever for registers that never come (a hang, not an error).
-constexpr u32 PRODUCER_REGS = 24;
-constexpr u32 CONSUMER_REGS = 240;
-static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMERS <= (65536 / THREADS) / 8 * 8 * THREADS,
+// (128 accumulators, the scores and P fragments), so the producer gets 24. With PIPE the right
+// consumer holds only its accumulators (160), which leaves the producer 104: room for its
+// dequantization's loads in flight. A larger sum makes setmaxnreg.inc wait forever for
+// registers that never come (a hang, not an error).
+constexpr u32 LEFT_REGS = 240;
+constexpr u32 RIGHT_REGS = PIPE ? 160 : 240;
+constexpr u32 PRODUCER_REGS = PIPE ? 104 : 24;
+static_assert((PRODUCER_REGS + LEFT_REGS + RIGHT_REGS) * 128 <= (65536 / THREADS) / 8 * 8 * THREADS,
               "the register reallocation must fit the launch's pool");
-// Dequantization steps unrolled (fewer registers: MODEL1's longer scale and layout math, the
-// cluster build's second stores).
-constexpr int DEQUANT_UNROLL = MODEL1 || CLUSTER ? 1 : 4;
+// Dequantization steps unrolled (fewer registers at 24: MODEL1's longer scale and layout math,
+// the cluster build's second stores).
+constexpr int DEQUANT_UNROLL = (MODEL1 || CLUSTER) && !PIPE ? 1 : 4;
 
 // Named barriers of the two consumers (0 is __syncthreads).
 constexpr u32 BAR_BOTH = 1;  // both consumers (request start)
@@ -368,13 +371,22 @@ struct Dequant {
 // Sparse: 64 e4m3 bytes at shared `raw` times the bf16 scale `s16` -> the swizzled 128-byte
 // bf16 row at `dst` (swizzle `swz`), 16 dims per step; with CLUSTER the same row into the
 // cluster peer too, at dst + `to_peer` (the peer's window, from mapa).
+// PIPE (a producer of 104 registers): the four loads first, all in flight at once.
 DEV void dequant_row(u32 raw, u32 dst, u32 swz, u32 s16, u32 to_peer = 0) {
   const Dequant d = Dequant::of(s16);
+  if constexpr (PIPE) {
+    u32 w[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) ld_shared16(w[u], raw + u * 16);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) d.chunk(w[u], u, dst, swz, to_peer);
+  } else {
 #pragma unroll DEQUANT_UNROLL
-  for (int u = 0; u < 4; ++u) {
-    u32 w[4];
-    ld_shared16(w, raw + u * 16);
-    d.chunk(w, u, dst, swz, to_peer);
+    for (int u = 0; u < 4; ++u) {
+      u32 w[4];
+      ld_shared16(w, raw + u * 16);
+      d.chunk(w, u, dst, swz, to_peer);
+    }
   }
 }
 
@@ -575,12 +587,34 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
     cp_async_wait<0>();
     named_barrier(bar, 64);  // the whole half's bytes have landed
+    // bf16(scale j), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
+    auto scale16 = [&](int j) -> u32 {
+      return MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
+                    : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
+    };
+    if (PIPE) {  // (104 registers) the token's raw bytes all into registers, one barrier, out
+      u32 w[4][4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (j < slices) ld_shared16(w[j][u], raw_at(j) + n * 64 + u * 16);
+      named_barrier(bar, 64);  // every raw byte of the half read
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const Dequant d = Dequant::of(scale16(j));
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (j < slices && DIAG % 2 == 0) d.chunk(w[j][u], u, boxes + j * BOX_BYTES + row, swz, 0);
+      }
+      fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
+      mbar_arrive(bars.full(stage, half));
+      return;
+    }
     // Slice j of token n -> row n of box j.
     auto dequantize = [&](int j) {
-      // bf16(scale), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
-      const u32 s16 = MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
-                             : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
-      if (DIAG % 2 == 0) dequant_row(raw_at(j) + n * 64, boxes + j * BOX_BYTES + row, swz, s16);
+      if (DIAG % 2 == 0)
+        dequant_row(raw_at(j) + n * 64, boxes + j * BOX_BYTES + row, swz, scale16(j));
     };
     dequantize(0);
     dequantize(1);
@@ -925,12 +959,15 @@ DEV void scale_rows(float (&o)[128], const float (&f)[2]) {
 // exp2(a - b) for a <= b, 0 when a = -inf (nothing was seen yet: what it scales is 0).
 DEV float rescale(float a, float b) { return a == -F_INF ? 0.f : exp2f(a - b); }
 
+// ROLE: PIPE compiles each consumer on its own (0 left, 1 right), each under its own register
+// budget; the seesaw shares one body (-1).
+template <int ROLE>
 DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
                   const Barriers& bars) {
   const int tid = threadIdx.x - 128;  // 0..255 over both consumers
   // The consumer index through a shuffle: provably warp-uniform, so the operand descriptors
   // derived from it stay in uniform registers.
-  const int c = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int c = ROLE >= 0 ? ROLE : __shfl_sync(0xffffffffu, tid / 128, 0);
   Consumer self{p, base + SMEM_Q, base + SMEM_K, smem, bars, tid, tid % 32, (tid % 128) / 32,
                 tid % 4, {0, 0}, {0, 0}, {0, 0}};
   int row_h[2];
@@ -1258,9 +1295,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
     if (threadIdx.x == 0) producer(p, Part::of(p, blockIdx.z), base + SMEM_K, bars);
 #endif
   } else {
-    regs_raise<CONSUMER_REGS>();
-    u8* const aligned = smem + (base - smem_u32(smem));
-    consumer(p, Part::of(p, blockIdx.z), base, aligned, bars);
+    auto aligned = [&] { return smem + (base - smem_u32(smem)); };
+    if constexpr (!PIPE) {
+      regs_raise<LEFT_REGS>();
+      consumer<-1>(p, Part::of(p, blockIdx.z), base, aligned(), bars);
+    } else if (threadIdx.x < 256) {
+      regs_raise<LEFT_REGS>();
+      consumer<0>(p, Part::of(p, blockIdx.z), base, aligned(), bars);
+    } else {
+      regs_lower<RIGHT_REGS>();
+      consumer<1>(p, Part::of(p, blockIdx.z), base, aligned(), bars);
+    }  // (if constexpr: the seesaw build does not even instantiate the PIPE consumers)
   }
   if (CLUSTER) cluster_sync();  // no CTA leaves while its peer may still write to it
 }
