@@ -494,7 +494,8 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
       const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
       const u32 tile = tiles + stage * TILE_BYTES;
       const int first = n - threadIdx.x % 32;  // the warp's first row
-      gather_spans<true>(rec, ok && DIAG < 2, from, bytes, [&](int t, int o) {  // (rolled: fits)
+      // (rolled where the producer has 24 registers)
+      gather_spans<!PIPE>(rec, ok && DIAG < 2, from, bytes, [&](int t, int o) {
         const int m = first + t, i = (from + o) / 16;  // row m's 16-byte chunk i
         return tile + (i / 8) * BOX_BYTES + m * 128 + (((i % 8) ^ (m % 8)) << 4);
       });
