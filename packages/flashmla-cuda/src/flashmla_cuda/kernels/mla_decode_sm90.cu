@@ -83,8 +83,8 @@ static_assert(!PIPE || SPARSE, "the pipelined consumers are sparse only");
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows; with
 #define PAIR_LOADS (!PIPE)  // PIPE a block's copies would wait for the stage of the next)
 #endif
-#ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only): 1 no dequantization,
-#define DIAG 0  // 2 no gathers (FP8: of the NoPE bytes), 3 neither
+#ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only), bits: 1 no
+#define DIAG 0  // dequantization, 2 no NoPE (rows: no) gathers, 4 no gathers at all
 #endif
 #ifndef FP8_PAIRS  // SPARSE=1: producer_fp8_pairs (raw bytes dequantized in their own rows,
 #define FP8_PAIRS 0  // both blocks of a pair in flight; off until measured on a GPU)
@@ -458,6 +458,7 @@ DEV void prefetch_next_pair(const DecodeParams& p, const Part& part, int req, in
 // registers for long spans), else unrolled.
 template <bool ROLLED = false, typename Dst>
 DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
+  if (DIAG & 4) return;
   const int lane = threadIdx.x % 32;
   const u64 mine = reinterpret_cast<u64>(rec) | (ok ? 1u : 0u);  // (records are 16-aligned)
 #pragma unroll 1
@@ -495,16 +496,16 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
       const u32 tile = tiles + stage * TILE_BYTES;
       const int first = n - threadIdx.x % 32;  // the warp's first row
       // (rolled where the producer has 24 registers)
-      gather_spans<!PIPE>(rec, ok && DIAG < 2, from, bytes, [&](int t, int o) {
+      gather_spans<!PIPE>(rec, ok && (DIAG & 2) == 0, from, bytes, [&](int t, int o) {
         const int m = first + t, i = (from + o) / 16;  // row m's 16-byte chunk i
         return tile + (i / 8) * BOX_BYTES + m * 128 + (((i % 8) ^ (m % 8)) << 4);
       });
     } else {
       const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
 #pragma unroll 1  // (not unrolled: fits the producer's registers)
-      for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES); ++i)
+      for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES) && !(DIAG & 4); ++i)
         cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16,
-                   ok && DIAG < 2);
+                   ok && (DIAG & 2) == 0);
     }
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
@@ -575,7 +576,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     const int rope_from = MODEL1 ? 448 : D_V + 16;
     const u32 rope_box = tiles + stage * TILE_BYTES + (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
     const int first = n - threadIdx.x % 32;  // the warp's first token
-    gather_spans(nope, ok && DIAG < 2, 0, 64 * slices,
+    gather_spans(nope, ok && (DIAG & 2) == 0, 0, 64 * slices,
                  [&](int t, int o) { return raw_at(o / 64) + (first + t) * 64 + o % 64; });
     if (half == 1)  // RoPE: 128 bytes straight into its box (swizzled)
       gather_spans(rec, ok, rope_from, 128, [&](int t, int o) {
@@ -606,7 +607,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
         const Dequant d = Dequant::of(scale16(j));
 #pragma unroll
         for (int u = 0; u < 4; ++u)
-          if (j < slices && DIAG % 2 == 0) d.chunk(w[j][u], u, boxes + j * BOX_BYTES + row, swz, 0);
+          if (j < slices && (DIAG & 1) == 0) d.chunk(w[j][u], u, boxes + j * BOX_BYTES + row, swz, 0);
       }
       fence_async_smem();  // the stores (and copies), visible to the consumers' wgmma
       mbar_arrive(bars.full(stage, half));
@@ -614,7 +615,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     }
     // Slice j of token n -> row n of box j.
     auto dequantize = [&](int j) {
-      if (DIAG % 2 == 0)
+      if ((DIAG & 1) == 0)
         dequant_row(raw_at(j) + n * 64, boxes + j * BOX_BYTES + row, swz, scale16(j));
     };
     dequantize(0);
@@ -669,7 +670,7 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
                   : *reinterpret_cast<const uint2*>(rec + D_V + 8 * half);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     const u32 tile = tiles + stage * TILE_BYTES;
-    gather_spans(rec + 64 * box0, ok && DIAG < 2, 0, 64 * boxes, [&](int t, int o) {
+    gather_spans(rec + 64 * box0, ok && (DIAG & 2) == 0, 0, 64 * boxes, [&](int t, int o) {
       return tile + (box0 + o / 64) * BOX_BYTES + (first + t) * 128 + 64 + o % 64;
     });
     if (q >= 2 && (CLUSTER || half == 1))  // RoPE straight into its box (swizzled)
@@ -707,7 +708,7 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
       const u32 s16 = MODEL1    ? ((scales.x >> (8 * j)) & 0xff) << 7
                       : CLUSTER ? pack2(__uint_as_float(scales.x), 0.f)
                                 : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
-      if (DIAG % 2 == 0) dequant_in_row(row + j * BOX_BYTES, swz, s16, to_peer);
+      if ((DIAG & 1) == 0) dequant_in_row(row + j * BOX_BYTES, swz, s16, to_peer);
     }
     fence_async_smem();  // the copies and stores, visible to the consumers' wgmma
     if (CLUSTER) {
@@ -766,7 +767,7 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
     const u32 rope_box = tiles + stage * TILE_BYTES + P_BOX * BOX_BYTES;
     // dims 0-63 of token m into its row of box 2q + 1 (unswizzled), dims 64-127 into its
     // staging bytes
-    gather_spans(nope, ok, 0, 128, [&](int t, int o) {
+    gather_spans(nope, ok && (DIAG & 2) == 0, 0, 128, [&](int t, int o) {
       return o < 64 ? box_q + BOX_BYTES + (first + t) * 128 + o
                     : staging + (32 * q + t) * 64 + o - 64;
     });
@@ -795,8 +796,10 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
         st_cluster16(rope_chunk(c) + to_peer, w[0], w[1], w[2], w[3]);
       }
     }
-    dequant_row(row + BOX_BYTES, row, swz, s16, to_peer);
-    dequant_row(raw_hi, row + BOX_BYTES, swz, s16, to_peer);
+    if ((DIAG & 1) == 0) {
+      dequant_row(row + BOX_BYTES, row, swz, s16, to_peer);
+      dequant_row(raw_hi, row + BOX_BYTES, swz, s16, to_peer);
+    }
     fence_async_smem();  // the copies and stores, visible to both CTAs' wgmma
     fence_async_cluster_smem();
     mbar_arrive(bars.full(stage, half));
