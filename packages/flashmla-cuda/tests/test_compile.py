@@ -22,14 +22,12 @@ SPILL_ALLOWANCE = {
     (("DTYPE_FP16", 0), ("SPARSE", 1)): 32,
     (("CLUSTER", 1), ("DTYPE_FP16", 0), ("SPARSE", 1)): 72,
     (("DTYPE_FP16", 0), ("MODEL1", 1), ("SPARSE", 1)): 48,
-    (("DTYPE_FP16", 0), ("SPARSE", 2)): 16,
-    (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SPARSE", 2)): 16,
-    # the unverified sparse producers (decode_sm90.build_for)
+    (("DTYPE_FP16", 0), ("SPARSE", 2)): 32,
+    (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SPARSE", 2)): 32,
+    # FP8_PAIRS (decode_sm90.build_for: the default for V3.2 without the cluster)
     (("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("SPARSE", 1)): 72,
     (("CLUSTER", 1), ("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("SPARSE", 1)): 112,
     (("DTYPE_FP16", 0), ("FP8_PAIRS", 1), ("MODEL1", 1), ("SPARSE", 1)): 40,
-    (("DTYPE_FP16", 0), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,
-    (("DTYPE_FP16", 0), ("D_QK_DIM", 512), ("SHARED_ROW_GATHERS", 1), ("SPARSE", 2)): 32,
 }
 
 

@@ -8,7 +8,7 @@ declares exactly what the kernels handle: compute capability 9.0 and
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
 The FP8 V3.2 sparse decode at h_q 128 runs as a 2-CTA cluster whose CTAs share the
-dequantization. The dense 2-CTA cluster build and two sparse producers (:func:`build_for`) are
+dequantization. The dense 2-CTA cluster build and two sparse variants (:func:`build_for`) are
 used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them
 (:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
 other case falls through the registry to the next backend, with these reasons. Inputs the
@@ -79,17 +79,18 @@ def build_for(
     unverified: Collection[str] | None = None,
 ) -> Build:
     """The build of one launch. ``unverified`` (default: the kinds ``FLASHMLA_CUDA_SM90_UNVERIFIED``
-    asks for) adds the sparse variants not yet measured: ``fp8_pairs`` (FP8, both blocks of a
-    pair in flight), ``row_gathers`` (bf16 rows, the gathers shared by a warp's lanes) and
-    ``pipe`` (the blocks pipelined through the two stages instead of the seesaw's pairs)."""
+    asks for) adds the sparse variants not yet measured faster: ``fp8_pairs`` (FP8, both blocks
+    of a pair in flight) where it is not the default, and ``pipe`` (the blocks pipelined
+    through the two stages instead of the seesaw's pairs)."""
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
     wants = unverified_enabled if unverified is None else unverified.__contains__
-    if sparse == FP8 and wants("fp8_pairs"):
+    pipe = bool(sparse) and wants("pipe")
+    # FP8_PAIRS: measured faster for V3.2 without the cluster (h_q 64: S3 404 -> 366 µs on an
+    # H100) and slower with it (S1 +3.5%); MODEL1 not measured. PIPE wants one block at a time.
+    if sparse == FP8 and not pipe and (wants("fp8_pairs") or not (cluster or model1)):
         extra["FP8_PAIRS"] = 1
-    if sparse == ROWS and wants("row_gathers"):
-        extra["SHARED_ROW_GATHERS"] = 1
-    if sparse and wants("pipe"):
+    if pipe:
         extra["PIPE"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
@@ -104,7 +105,7 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
     sparse = []
     # (the unverified variants: compiled in CI too)
-    for unverified in ((), ("fp8_pairs", "row_gathers"), ("pipe", "row_gathers")):
+    for unverified in ((), ("fp8_pairs",), ("pipe",)):
         sparse += [build_for(False, FP8, cluster=c, unverified=unverified) for c in (False, True)]
         sparse += [build_for(False, FP8, model1=True, unverified=unverified)]
         sparse += [build_for(False, ROWS, d_qk=d, unverified=unverified) for d in (576, 512)]

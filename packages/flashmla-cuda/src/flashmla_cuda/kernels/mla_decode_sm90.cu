@@ -64,7 +64,7 @@
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
 // 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PIPE, PAIR_LOADS, PREFETCH_L2,
-// FP8_PAIRS, SHARED_ROW_GATHERS, DIAG (timing probes only).
+// FP8_PAIRS, DIAG (timing probes only).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -87,10 +87,7 @@ static_assert(!PIPE || SPARSE, "the pipelined consumers are sparse only");
 #define DIAG 0  // dequantization, 2 no NoPE (rows: no) gathers, 4 no gathers at all
 #endif
 #ifndef FP8_PAIRS  // SPARSE=1: producer_fp8_pairs (raw bytes dequantized in their own rows,
-#define FP8_PAIRS 0  // both blocks of a pair in flight; off until measured on a GPU)
-#endif
-#ifndef SHARED_ROW_GATHERS  // SPARSE=2: a warp's lanes share the row gathers (gather_spans)
-#define SHARED_ROW_GATHERS 0  // (off until measured on a GPU: NOTES-sm90.md)
+#define FP8_PAIRS 0  // both blocks of a pair in flight; the launcher's default for V3.2 at h_q 64)
 #endif
 #ifndef MODEL1  // SPARSE=1 over the MODEL1 layout (d_qk 512, 584-byte block-planar records)
 #define MODEL1 0
@@ -476,8 +473,9 @@ DEV void gather_spans(const u8* rec, bool ok, int from, int bytes, Dst&& dst) {
   }
 }
 
-// Sparse producer over bf16 rows (all 128 threads): thread n of warps 0-1 copies row n's boxes
-// 0-3, of warps 2-3 its boxes 4-8, straight into the swizzled stage by cp.async. Both blocks of
+// Sparse producer over bf16 rows (all 128 threads): warps 0-1 copy the boxes 0-3 of rows 0-63,
+// warps 2-3 their boxes 4-8, straight into the swizzled stage by cp.async (each warp its 32
+// rows, shared by its lanes: gather_spans). Both blocks of
 // a pair are in flight before the producer waits for A's bytes (PAIR_LOADS; not across pairs:
 // the consumers release A only once B has landed, so holding A's arrive for the next pair's
 // copies would deadlock).
@@ -490,23 +488,17 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
     const u8* scale_at;
     const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
-    if (SHARED_ROW_GATHERS) {
-      const int from = half ? 128 * LEFT_BOXES : 0;  // the half's bytes of a row
-      const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
-      const u32 tile = tiles + stage * TILE_BYTES;
-      const int first = n - threadIdx.x % 32;  // the warp's first row
-      // (rolled where the producer has 24 registers)
-      gather_spans<!PIPE>(rec, ok && (DIAG & 2) == 0, from, bytes, [&](int t, int o) {
-        const int m = first + t, i = (from + o) / 16;  // row m's 16-byte chunk i
-        return tile + (i / 8) * BOX_BYTES + m * 128 + (((i % 8) ^ (m % 8)) << 4);
-      });
-    } else {
-      const u32 row = tiles + stage * TILE_BYTES + opaque(n) * 128, swz = n % 8;
-#pragma unroll 1  // (not unrolled: fits the producer's registers)
-      for (int i = half ? 8 * LEFT_BOXES : 0; i < (half ? 8 * BOXES : 8 * LEFT_BOXES) && !(DIAG & 4); ++i)
-        cp_async16(row + (i / 8) * BOX_BYTES + (((i % 8) ^ swz) << 4), rec + i * 16,
-                   ok && (DIAG & 2) == 0);
-    }
+    // The half's bytes of each row through the warp's shared gathers (P1 -20% on an H100
+    // against a 16-byte copy of each of 32 rows per instruction: NOTES-sm90.md).
+    const int from = half ? 128 * LEFT_BOXES : 0;
+    const int bytes = half ? 2 * D_QK - from : 128 * LEFT_BOXES;
+    const u32 tile = tiles + stage * TILE_BYTES;
+    const int first = n - threadIdx.x % 32;  // the warp's first row
+    // (rolled where the producer has 24 registers)
+    gather_spans<!PIPE>(rec, ok && (DIAG & 2) == 0, from, bytes, [&](int t, int o) {
+      const int m = first + t, i = (from + o) / 16;  // row m's 16-byte chunk i
+      return tile + (i / 8) * BOX_BYTES + m * 128 + (((i % 8) ^ (m % 8)) << 4);
+    });
     if (half == 0) st_shared8(valid + stage * BLOCK + n, ok);
     cp_async_commit();
     if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
