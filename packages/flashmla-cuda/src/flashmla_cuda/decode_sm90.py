@@ -80,8 +80,9 @@ def build_for(
 ) -> Build:
     """The build of one launch. ``unverified`` (default: the kinds ``FLASHMLA_CUDA_SM90_UNVERIFIED``
     asks for) adds the sparse variants not yet measured faster: ``fp8_pairs`` (FP8, both blocks
-    of a pair in flight) where it is not the default, and ``pipe`` (the blocks pipelined
-    through the two stages instead of the seesaw's pairs)."""
+    of a pair in flight) where it is not the default, ``pipe`` (the blocks pipelined
+    through the two stages instead of the seesaw's pairs) and ``pv_first`` (with ``pipe``: the
+    left consumer's P V before the next Q K^T, which frees each stage earlier)."""
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
     wants = unverified_enabled if unverified is None else unverified.__contains__
@@ -92,6 +93,8 @@ def build_for(
         extra["FP8_PAIRS"] = 1
     if pipe:
         extra["PIPE"] = 1
+        if wants("pv_first"):
+            extra["PV_FIRST"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512
@@ -105,7 +108,7 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
     sparse = []
     # (the unverified variants: compiled in CI too)
-    for unverified in ((), ("fp8_pairs",), ("pipe",)):
+    for unverified in ((), ("fp8_pairs",), ("pipe",), ("pipe", "pv_first")):
         sparse += [build_for(False, FP8, cluster=c, unverified=unverified) for c in (False, True)]
         sparse += [build_for(False, FP8, model1=True, unverified=unverified)]
         sparse += [build_for(False, ROWS, d_qk=d, unverified=unverified) for d in (576, 512)]

@@ -80,6 +80,10 @@
 #define PIPE 0  // (off until measured on a GPU: NOTES-sm90.md)
 #endif
 static_assert(!PIPE || SPARSE, "the pipelined consumers are sparse only");
+#ifndef PV_FIRST  // PIPE: the left consumer's P V of block k-1 before the Q K^T of block k
+#define PV_FIRST 0  // (off until measured on a GPU: NOTES-sm90.md)
+#endif
+static_assert(!PV_FIRST || PIPE, "PV_FIRST orders the pipelined left consumer");
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows; with
 #define PAIR_LOADS (!PIPE)  // PIPE a block's copies would wait for the stage of the next)
 #endif
@@ -827,13 +831,21 @@ struct Consumer {
     fence_regs(s);
   }
   // (committed, not waited for; `parity`: of the stage's full barriers)
-  // PIPE: both halves waited for first. A wait loop between the wgmmas while the previous
-  // block's P V may still run makes ptxas serialize every wgmma of the kernel.
+  // PIPE: both halves waited for first (wait_full). A wait loop between the wgmmas while the
+  // previous block's P V may still run makes ptxas serialize every wgmma of the kernel.
   DEV void scores_issue(float (&s)[32], int stage, u32 parity) const {
-    const u64 q_desc = smem_desc(q_smem, 16, 1024);
-    const u64 k_desc = smem_desc(k_smem + stage * TILE_BYTES, 16, 1024);
     mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 0), parity);
     if (PIPE) mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
+    scores_issue_landed(s, stage, parity);
+  }
+  DEV void wait_full(int stage, u32 parity) const {
+    mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 0), parity);
+    mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
+  }
+  // (PIPE: both halves landed; else the right half waited for between its wgmmas)
+  DEV void scores_issue_landed(float (&s)[32], int stage, u32 parity) const {
+    const u64 q_desc = smem_desc(q_smem, 16, 1024);
+    const u64 k_desc = smem_desc(k_smem + stage * TILE_BYTES, 16, 1024);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < D_QK / 16; ++k) {
@@ -1067,18 +1079,32 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
   // and waited for while that P V still runs; then the P V is waited for, k-1's stage half
   // released and O rescaled for block k. (This order, flash-attention 3's, ptxas keeps
   // asynchronous; reading an accumulator of the previous iteration after a partial wait makes
-  // it serialize every wgmma.)
+  // it serialize every wgmma.) It releases k-1's stage only late in block k, which leaves the
+  // producer about half a block to refill it; PV_FIRST issues the P V first instead, so the
+  // stage frees early and the softmax no longer overlaps a P V.
   u32 frag_left[4][4];
   int p_stage = -1;  // the stage whose P (in frag_left) awaits its P V, or -1
   float* const alphas = max_a;  // PIPE: per stage, the left's rescale factors for the right
   auto left_block = [&](int req, int blk, int stage, u32 parity, bool last) {
     float s[32], mx[2], sum[2], alpha[2];
-    self.scores_issue(s, stage, parity);
-    if (p_stage >= 0) {
-      self.pv_regs(o, frag_left, p_stage, 0);  // O_L += P V[:, left] of the previous block
-      wgmma_wait<1>();
-    } else {
+    if (PV_FIRST) {  // the previous block's P V, then this block's Q K^T
+      self.wait_full(stage, parity);
+      if (p_stage >= 0) self.pv_regs(o, frag_left, p_stage, 0);
+      self.scores_issue_landed(s, stage, parity);
+      wgmma_wait<1>();  // the P V done (no register of it read yet): its half is free
+      if (p_stage >= 0) self.release(p_stage, 0);
       wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(frag_left);
+      p_stage = -1;
+    } else {
+      self.scores_issue(s, stage, parity);
+      if (p_stage >= 0) {
+        self.pv_regs(o, frag_left, p_stage, 0);  // O_L += P V[:, left] of the previous block
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
     }
     fence_regs(s);
     self.mask(s, mx, part.length(p, req), blk, nullptr, stage);
@@ -1092,10 +1118,12 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
       l[i] = l[i] * alpha[i] + sum[i];
       if (self.t4 == 0) alphas[stage * BLOCK + self.row_local[i]] = alpha[i];
     }
-    wgmma_wait<0>();
-    fence_regs(o);
-    fence_regs(frag_left);
-    if (p_stage >= 0) self.release(p_stage, 0);
+    if (!PV_FIRST) {
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(frag_left);
+      if (p_stage >= 0) self.release(p_stage, 0);
+    }
     to_frags(s, frag_left);
     const float one[2] = {1.f, 1.f};
     self.store_p(frag_left, one, stage);
