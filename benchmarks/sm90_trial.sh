@@ -4,8 +4,8 @@
 # FLASHMLA_CUDA_SM90_UNVERIFIED=KINDS, then A/B runs in one process each (sources and defines as
 # benchmarks/sm90_ab.py takes them), one per SOURCES SHAPES pair. Logs under $OUT.
 #   bash benchmarks/sm90_trial.sh KINDS SOURCES SHAPES [SOURCES SHAPES ...]
-#   S=mla_decode_sm90.cu; bash benchmarks/sm90_trial.sh pipe,row_gathers \
-#     $S,$S:PIPE=1 S1,S3  $S,$S:PIPE=1+SHARED_ROW_GATHERS=1 P1
+#   S=mla_decode_sm90.cu; bash benchmarks/sm90_trial.sh pipe,pv_first \
+#     $S,$S:PIPE=1+FP8_PAIRS=0 S1,S3  $S,$S:PIPE=1,$S:PIPE=1+PV_FIRST=1 P1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 eval "$(python3 benchmarks/intree_env.py)"

@@ -410,6 +410,14 @@ DEV void dequant_in_row(u32 row, u32 swz, u32 s16, u32 to_peer = 0) {
   }
 }
 
+// Sparse FP8: bf16(scale) of the record's box j, as the reference rounds it, from the scales
+// a producer loaded (V3.2: fp32 x for boxes 0-1, y for 2-3; MODEL1: UE8M0 bytes, byte e being
+// the bf16 exponent field).
+DEV u32 box_scale16(uint2 scales, int j) {
+  return MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
+                : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
+}
+
 // Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
 // and ok = false, for -1, out-of-range and past-the-length entries).
 DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok,
@@ -585,11 +593,6 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     if (PREFETCH_L2 && stage == 0) prefetch_next_pair(p, part, req, blk, n, half);
     cp_async_wait<0>();
     named_barrier(bar, 64);  // the whole half's bytes have landed
-    // bf16(scale j), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
-    auto scale16 = [&](int j) -> u32 {
-      return MODEL1 ? ((scales.x >> (8 * j)) & 0xff) << 7
-                    : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
-    };
     if (PIPE) {  // (104 registers) the token's raw bytes all into registers, one barrier, out
       u32 w[4][4][4];
 #pragma unroll
@@ -600,7 +603,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
       named_barrier(bar, 64);  // every raw byte of the half read
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const Dequant d = Dequant::of(scale16(j));
+        const Dequant d = Dequant::of(box_scale16(scales, j));
 #pragma unroll
         for (int u = 0; u < 4; ++u)
           if (j < slices && (DIAG & 1) == 0) d.chunk(w[j][u], u, boxes + j * BOX_BYTES + row, swz, 0);
@@ -612,7 +615,7 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
     // Slice j of token n -> row n of box j.
     auto dequantize = [&](int j) {
       if ((DIAG & 1) == 0)
-        dequant_row(raw_at(j) + n * 64, boxes + j * BOX_BYTES + row, swz, scale16(j));
+        dequant_row(raw_at(j) + n * 64, boxes + j * BOX_BYTES + row, swz, box_scale16(scales, j));
     };
     dequantize(0);
     dequantize(1);
@@ -699,13 +702,9 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
     }
     const u32 row = tiles + stage * TILE_BYTES + box0 * BOX_BYTES + opaque(n) * 128;
 #pragma unroll 1
-    for (int j = 0; j < boxes; ++j) {
-      // bf16(scale), as the reference rounds it (a UE8M0 byte e is the bf16 exponent field)
-      const u32 s16 = MODEL1    ? ((scales.x >> (8 * j)) & 0xff) << 7
-                      : CLUSTER ? pack2(__uint_as_float(scales.x), 0.f)
-                                : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
-      if ((DIAG & 1) == 0) dequant_in_row(row + j * BOX_BYTES, swz, s16, to_peer);
-    }
+    for (int j = 0; j < boxes; ++j)  // (CLUSTER: boxes 0-1 of the thread, scale x)
+      if ((DIAG & 1) == 0)
+        dequant_in_row(row + j * BOX_BYTES, swz, box_scale16(scales, j), to_peer);
     fence_async_smem();  // the copies and stores, visible to the consumers' wgmma
     if (CLUSTER) {
       fence_async_cluster_smem();
@@ -834,8 +833,10 @@ struct Consumer {
   // PIPE: both halves waited for first (wait_full). A wait loop between the wgmmas while the
   // previous block's P V may still run makes ptxas serialize every wgmma of the kernel.
   DEV void scores_issue(float (&s)[32], int stage, u32 parity) const {
-    mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 0), parity);
-    if (PIPE) mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 1), parity);
+    if (PIPE)
+      wait_full(stage, parity);
+    else
+      mbar_wait<SPARSE && CLUSTER>(bars.full(stage, 0), parity);
     scores_issue_landed(s, stage, parity);
   }
   DEV void wait_full(int stage, u32 parity) const {
@@ -1155,7 +1156,7 @@ DEV void consumer(const DecodeParams& p, const Part& part, u32 base, u8* smem,
 
   for (int req = part.begin_req; req <= part.end_req; ++req) {
   start_request(req);
-  if (PIPE) {  // (one loop per consumer: no wgmma of one seems pending in the other's code)
+  if (PIPE) {
     // Block k of the request is fill uses[k % 2] + k / 2 of stage k % 2. (One loop per
     // consumer, so that ptxas sees no wgmma of the left pending in the right's code; stages
     // and fills by value: an indexed `uses` would put the consumer's state on the stack.)
