@@ -64,7 +64,7 @@
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
 // 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PIPE, PAIR_LOADS, PREFETCH_L2,
-// FP8_PAIRS, DIAG (timing probes only).
+// PREFETCH_IDX, FP8_PAIRS, DIAG (timing probes only).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -86,6 +86,9 @@ static_assert(!PIPE || SPARSE, "the pipelined consumers are sparse only");
 static_assert(!PV_FIRST || PIPE, "PV_FIRST orders the pipelined left consumer");
 #ifndef PAIR_LOADS  // SPARSE=2: both blocks of a pair in flight at once (producer_rows; with
 #define PAIR_LOADS (!PIPE)  // PIPE a block's copies would wait for the stage of the next)
+#endif
+#ifndef PREFETCH_IDX  // sparse: each producer thread's index of the next block loaded ahead
+#define PREFETCH_IDX 0  // (EntryAhead; off until measured on a GPU: NOTES-sm90.md)
 #endif
 #ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only), bits: 1 no
 #define DIAG 0  // dequantization, 2 no NoPE (rows: no) gathers, 4 no gathers at all
@@ -418,19 +421,33 @@ DEV u32 box_scale16(uint2 scales, int j) {
                 : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
 }
 
-// Sparse: the cache row of entry `pos` of request `req`'s index list (the cache's first row,
-// and ok = false, for -1, out-of-range and past-the-length entries).
-DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, bool& ok,
-                           const u8*& scales) {
-  // (opaque: recomputed per block rather than kept across the pair in a spilled register)
-  req = opaque(req);
+// Sparse: whether entry `pos` of request `req` is in the extra list (and then `pos` made
+// relative to it).
+DEV bool to_extra(const DecodeParams& p, const Part& part, int req, int& pos) {
   const bool extra = p.cache2 && pos >= part.main_blocks(p, req) * BLOCK;
+  if (extra) pos -= part.main_blocks(p, req) * BLOCK;
+  return extra;
+}
+
+// Sparse: entry `pos` (made relative to its list by to_extra) of request `req`'s main or extra
+// index list, -1 past its length.
+DEV int list_entry(const DecodeParams& p, const Part& part, int req, int pos, bool extra) {
   const int* list = extra ? p.list2 + req * p.slot2_b + blockIdx.y * p.slot2_t
                           : p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
-  if (extra) pos -= part.main_blocks(p, req) * BLOCK;
-  const int page_size = extra ? p.page2 : p.page;
   const int length = extra ? part.extra_length(p, req) : part.length(p, req);
-  const int slot = pos < length ? list[pos] : -1;
+  return pos < length ? list[pos] : -1;
+}
+
+// Sparse: the cache row of entry `pos` of request `req` (the cache's first row, and ok = false,
+// for -1, out-of-range and past-the-length entries). PREFETCH_IDX: the list's entry is
+// `ahead` (loaded earlier by EntryAhead), else it is loaded here.
+DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, int ahead,
+                           bool& ok, const u8*& scales) {
+  // (opaque: recomputed per block rather than kept across the pair in a spilled register)
+  req = opaque(req);
+  const bool extra = to_extra(p, part, req, pos);
+  const int page_size = extra ? p.page2 : p.page;
+  const int slot = PREFETCH_IDX ? ahead : list_entry(p, part, req, pos, extra);
   ok = slot >= 0 && (i64)slot < (i64)(extra ? p.num_pages2 : p.num_pages) * page_size;
   const int page = ok ? slot / page_size : 0, row = ok ? slot - page * page_size : 0;
   const i64 page_stride = extra ? p.page_stride2 : p.page_stride;
@@ -438,6 +455,33 @@ DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int
   scales = page_base + page_size * 576 + row * 8;  // (MODEL1: the token's UE8M0 scales)
   return page_base + (i64)row * (extra ? p.row_stride2 : p.row_stride);
 }
+
+// Sparse producers: thread entry `n` of each block in the producer's walk order (request by
+// request, block by block), its index loaded one block ahead of its use (PREFETCH_IDX), so
+// that the index latency is not on the producer's chain (index -> gather -> dequantize) but
+// under the previous block's. `locate` must be called once per block, in that order.
+struct EntryAhead {
+  int n, req, blk, slot;
+
+  DEV EntryAhead(const DecodeParams& p, const Part& part, int n_)
+      : n(n_), req(part.begin_req), blk(part.lo(part.begin_req) - 1), slot(-1) {
+    if (PREFETCH_IDX) advance(p, part);
+  }
+  // The next block of the walk (past the part: req > end_req), and its index load issued.
+  DEV void advance(const DecodeParams& p, const Part& part) {
+    ++blk;
+    while (req <= part.end_req && blk >= part.hi(p, req)) blk = part.lo(++req);
+    int pos = blk * BLOCK + n;
+    const bool extra = req <= part.end_req && to_extra(p, part, req, pos);
+    slot = req <= part.end_req ? list_entry(p, part, req, pos, extra) : -1;
+  }
+  DEV const u8* locate(const DecodeParams& p, const Part& part, int req_, int blk_, bool& ok,
+                       const u8*& scales) {
+    const int here = slot;
+    if (PREFETCH_IDX) advance(p, part);
+    return locate_entry(p, part, req_, blk_ * BLOCK + n, here, ok, scales);
+  }
+};
 
 // Sparse: the bytes of a record the producer copies (FP8 V3.2 656, MODEL1's 576 before its
 // scales, bf16 rows 2 d_qk).
@@ -495,10 +539,11 @@ DEV void producer_rows(const DecodeParams& p, const Part& part, u32 base) {
   const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
   const Barriers bars{base + SMEM_BARS};
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
+  EntryAhead ahead(p, part, n);
   auto issue = [&](int req, int blk, int stage, int fill) {
     bool ok;
     const u8* scale_at;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
+    const u8* rec = ahead.locate(p, part, req, blk, ok, scale_at);
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
     // The half's bytes of each row through the warp's shared gathers (P1 -20% on an H100
     // against a 16-byte copy of each of 32 rows per instruction: NOTES-sm90.md).
@@ -557,10 +602,11 @@ DEV void producer_sparse(const DecodeParams& p, const Part& part, u32 base) {
   const int n = threadIdx.x % 64, half = threadIdx.x / 64;
   const int slices = MODEL1 && half == 1 ? 3 : 4;
   const u32 bar = 5 + half;  // named barrier of the half's two warps
+  EntryAhead ahead(p, part, n);
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
     const u8* scale_at;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
+    const u8* rec = ahead.locate(p, part, req, blk, ok, scale_at);
     // Scales of the half's slices: V3.2 2 fp32 (one per 128 dims), MODEL1 UE8M0 bytes (one per
     // 64 dims) after the page's 576-byte token records.
     const uint2 scales =
@@ -658,10 +704,11 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
   };
   // Block `blk` of request `req` into `stage`: its copies issued and committed; returns the
   // scales of this thread's boxes (V3.2 fp32: two, or with CLUSTER one; MODEL1 UE8M0 bytes).
+  EntryAhead ahead(p, part, n);
   auto issue = [&](int req, int blk, int stage, int fill) -> uint2 {
     bool ok;
     const u8* scale_at;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
+    const u8* rec = ahead.locate(p, part, req, blk, ok, scale_at);
     const uint2 scales =
         !ok       ? make_uint2(0, 0)
         : MODEL1  ? make_uint2(*reinterpret_cast<const u32*>(scale_at + 4 * half), 0)
@@ -747,10 +794,11 @@ DEV void producer_sparse_cluster(const DecodeParams& p, const Part& part, u32 ba
   const u32 to_peer = map_shared(base, peer) - base;  // (the windows map linearly)
   const int q = threadIdx.x / 32, n = 32 * (int)rank + threadIdx.x % 32;
   const int half = q / 2;
+  EntryAhead ahead(p, part, n);
   for_each_load(p, part, [&](int req, int blk, int stage, int fill) {
     bool ok;
     const u8* scale_at;
-    const u8* rec = locate_entry(p, part, req, blk * BLOCK + n, ok, scale_at);
+    const u8* rec = ahead.locate(p, part, req, blk, ok, scale_at);
     // bf16(scale q), as the reference rounds it
     const u32 s16 = ok ? pack2(*reinterpret_cast<const float*>(rec + D_V + 4 * q), 0.f) : 0u;
     mbar_wait(bars.empty(stage, half), (fill & 1) ^ 1);
