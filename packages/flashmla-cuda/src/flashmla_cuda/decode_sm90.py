@@ -97,6 +97,8 @@ def build_for(
             extra["PV_FIRST"] = 1
         if wants("prefetch_idx"):
             extra["PREFETCH_IDX"] = 1
+        if wants("reg_stage") and sparse == FP8 and not (cluster or model1):
+            extra["REG_STAGE"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1
     elif d_qk != 576:  # bf16 rows of 512
@@ -110,7 +112,12 @@ def builds(cc: tuple[int, int]) -> list[Build]:
     dense = [build_for(fp16, cluster=c) for fp16 in (False, True) for c in (False, True)]
     sparse = []
     # (the unverified variants: compiled in CI too)
-    for unverified in ((), ("fp8_pairs",), ("pipe",), ("pipe", "pv_first", "prefetch_idx")):
+    for unverified in (
+        (),
+        ("fp8_pairs",),
+        ("pipe",),
+        ("pipe", "pv_first", "prefetch_idx", "reg_stage"),
+    ):
         sparse += [build_for(False, FP8, cluster=c, unverified=unverified) for c in (False, True)]
         sparse += [build_for(False, FP8, model1=True, unverified=unverified)]
         sparse += [build_for(False, ROWS, d_qk=d, unverified=unverified) for d in (576, 512)]

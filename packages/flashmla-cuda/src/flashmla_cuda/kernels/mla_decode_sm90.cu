@@ -64,7 +64,7 @@
 //
 // Defines: DTYPE_FP16 (element type of q, cache and out), SPARSE (0 dense, 1 FP8 sparse,
 // 2 bf16 sparse), MODEL1, D_QK_DIM, PREFETCH_Q, CLUSTER, PIPE, PAIR_LOADS, PREFETCH_L2,
-// PREFETCH_IDX, FP8_PAIRS, DIAG (timing probes only).
+// PREFETCH_IDX, FP8_PAIRS, REG_STAGE, DIAG (timing probes only).
 #include "sm90.cuh"
 
 #ifndef SPARSE
@@ -90,6 +90,9 @@ static_assert(!PV_FIRST || PIPE, "PV_FIRST orders the pipelined left consumer");
 #ifndef PREFETCH_IDX  // sparse: each producer thread's index of the next block loaded ahead
 #define PREFETCH_IDX 0  // (EntryAhead; off until measured on a GPU: NOTES-sm90.md)
 #endif
+#ifndef REG_STAGE  // FP8 V3.2 without the cluster, PIPE: the next block's bytes loaded into
+#define REG_STAGE 0  // registers before its stage is free (producer_fp8_regs; off until measured)
+#endif
 #ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only), bits: 1 no
 #define DIAG 0  // dequantization, 2 no NoPE (rows: no) gathers, 4 no gathers at all
 #endif
@@ -110,6 +113,8 @@ static_assert(!MODEL1 || D_QK_DIM == 512, "MODEL1 has d_qk 512");
 #endif
 static_assert(!CLUSTER || SPARSE == 0 || (SPARSE == 1 && !MODEL1),
               "clusters: the dense build and the FP8 V3.2 sparse one");
+static_assert(!REG_STAGE || (PIPE && SPARSE == 1 && !MODEL1 && !CLUSTER && !FP8_PAIRS),
+              "REG_STAGE: FP8 V3.2 without the cluster, pipelined");
 
 namespace {
 
@@ -129,9 +134,11 @@ constexpr int THREADS = 128 + CONSUMERS;
 // consumer holds only its accumulators (160), which leaves the producer 104: room for its
 // dequantization's loads in flight. A larger sum makes setmaxnreg.inc wait forever for
 // registers that never come (a hang, not an error).
-constexpr u32 LEFT_REGS = 240;
+// REG_STAGE: the left consumer needs 213 (SASS), so 216 leaves the producer 128 for a block's
+// raw bytes (64) and scales (16) in flight.
+constexpr u32 LEFT_REGS = REG_STAGE ? 216 : 240;
 constexpr u32 RIGHT_REGS = PIPE ? 160 : 240;
-constexpr u32 PRODUCER_REGS = PIPE ? 104 : 24;
+constexpr u32 PRODUCER_REGS = REG_STAGE ? 128 : PIPE ? 104 : 24;
 static_assert((PRODUCER_REGS + LEFT_REGS + RIGHT_REGS) * 128 <= (65536 / THREADS) / 8 * 8 * THREADS,
               "the register reallocation must fit the launch's pool");
 // Dequantization steps unrolled (fewer registers at 24: MODEL1's longer scale and layout math,
@@ -370,6 +377,25 @@ struct Dequant {
       if (CLUSTER) st_cluster16(dst + to_peer + at, o[0], o[1], o[2], o[3]);
     }
   }
+  // The same without the peer, the two chunks stored in the other order where `flip`.
+  DEV void chunk_pair(const u32 (&w)[4], int u, u32 dst, u32 swz, bool flip) const {
+    u32 o[2][4];
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        o[q][e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
+        if (big) o[q][e] = mul_bf16x2(o[q][e], 0x7b807b80u);
+        o[q][e] = mul_bf16x2(o[q][e], c);
+      }
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int k = flip ? 1 - q : q;  // (selects, not indexing: k is per lane)
+      const u32 at = ((2 * u + k) ^ swz) << 4;
+      st_shared16(dst + at, flip ? o[1 - q][0] : o[q][0], flip ? o[1 - q][1] : o[q][1],
+                  flip ? o[1 - q][2] : o[q][2], flip ? o[1 - q][3] : o[q][3]);
+    }
+  }
 };
 
 // Sparse: 64 e4m3 bytes at shared `raw` times the bf16 scale `s16` -> the swizzled 128-byte
@@ -447,7 +473,7 @@ DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int
   req = opaque(req);
   const bool extra = to_extra(p, part, req, pos);
   const int page_size = extra ? p.page2 : p.page;
-  const int slot = PREFETCH_IDX ? ahead : list_entry(p, part, req, pos, extra);
+  const int slot = PREFETCH_IDX || REG_STAGE ? ahead : list_entry(p, part, req, pos, extra);
   ok = slot >= 0 && (i64)slot < (i64)(extra ? p.num_pages2 : p.num_pages) * page_size;
   const int page = ok ? slot / page_size : 0, row = ok ? slot - page * page_size : 0;
   const i64 page_stride = extra ? p.page_stride2 : p.page_stride;
@@ -465,7 +491,7 @@ struct EntryAhead {
 
   DEV EntryAhead(const DecodeParams& p, const Part& part, int n_)
       : n(n_), req(part.begin_req), blk(part.lo(part.begin_req) - 1), slot(-1) {
-    if (PREFETCH_IDX) advance(p, part);
+    if (PREFETCH_IDX || REG_STAGE) advance(p, part);
   }
   // The next block of the walk (past the part: req > end_req), and its index load issued.
   DEV void advance(const DecodeParams& p, const Part& part) {
@@ -478,7 +504,7 @@ struct EntryAhead {
   DEV const u8* locate(const DecodeParams& p, const Part& part, int req_, int blk_, bool& ok,
                        const u8*& scales) {
     const int here = slot;
-    if (PREFETCH_IDX) advance(p, part);
+    if (PREFETCH_IDX || REG_STAGE) advance(p, part);
     return locate_entry(p, part, req_, blk_ * BLOCK + n, here, ok, scales);
   }
 };
@@ -774,6 +800,89 @@ DEV void producer_fp8_pairs(const DecodeParams& p, const Part& part, u32 base) {
         land(0, scales_a);
       }
     });
+}
+
+// 16 bytes at `src` (global, read once: not kept in L1), or zeros where !ok.
+DEV void ld_global16(u32 (&w)[4], const void* src, bool ok) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+      " mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+      : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+      : "l"(src), "r"((u32)ok));
+}
+
+DEV float ld_global_f32(const void* src, bool ok) {
+  float v;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0;\n"
+      " @p ld.global.nc.f32 %0, [%1];\n}"
+      : "=f"(v)
+      : "l"(src), "r"((u32)ok));
+  return v;
+}
+
+// Sparse FP8 V3.2 without the cluster, REG_STAGE (with PIPE): a block's NoPE bytes and scales
+// are loaded into registers *before* the producer waits for the block's stage, as FlashMLA's
+// producer does, so their latency hides behind the consumers' work on the blocks before rather
+// than following the stage's release. Warp w owns tokens 16w .. 16w + 15 of each block, one
+// load instruction per token covering all its 512 NoPE bytes (lane l: 16-byte chunk
+// c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2, in scale group l / 8). Each lane
+// writes the two bf16 chunks of its dims, odd lanes in the other order, so that the eight lanes
+// of a quarter-warp store to eight different 16-byte bank groups. The RoPE bytes go straight
+// into their box by cp.async once the stage is free.
+DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
+  const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
+  const Barriers bars{base + SMEM_BARS};
+  const int lane = threadIdx.x % 32, first = 16 * (threadIdx.x / 32);  // the warp's first token
+  const int box = 2 * (lane / 8) + lane % 2, u = (lane % 8) / 2;
+  EntryAhead ahead(p, part, first + lane % 16);  // (lanes l and l + 16: the same token)
+  // One flat loop over the walk's blocks (the pair loops of for_each_load would make the staged
+  // registers live across two copies of the body, and spill).
+  u32 fills = 0;  // fills of stage 0 (low 16 bits) and stage 1 (high)
+  while (ahead.req <= part.end_req) {
+    const int stage = (ahead.blk - part.lo(ahead.req)) & 1;
+    const u32 fill = (fills >> (16 * stage)) & 0xffff;
+    fills += 1u << (16 * stage);
+    bool ok;
+    const u8* scale_at;
+    const u8* rec = ahead.locate(p, part, ahead.req, ahead.blk, ok, scale_at);
+    const u64 mine = reinterpret_cast<u64>(rec) | (ok ? 1u : 0u);  // (records are 16-aligned)
+    auto record = [&](int t) { return __shfl_sync(0xffffffffu, mine, t); };  // token first + t's
+    u32 raw[16][4];
+    float scale[16];
+#pragma unroll
+    for (int t = 0; t < 16; ++t) {
+      const u64 theirs = record(t);
+      const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
+      ld_global16(raw[t], r + 16 * (4 * box + u), (theirs & 1) && (DIAG & 6) == 0);
+      scale[t] = ld_global_f32(r + D_V + 4 * (lane / 8), theirs & 1);
+    }
+    mbar_wait(bars.empty(stage, 0), (fill & 1) ^ 1);
+    mbar_wait(bars.empty(stage, 1), (fill & 1) ^ 1);
+    const u32 tile = tiles + stage * TILE_BYTES;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // RoPE: lane l copies chunk l % 8 of token 4j + l / 8
+      const int t = 4 * j + lane / 8, m = first + t, c = lane % 8;
+      const u64 theirs = record(t);
+      const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
+      cp_async16(tile + P_BOX * BOX_BYTES + m * 128 + ((c ^ (m % 8)) << 4), r + D_V + 16 + 16 * c,
+                 (theirs & 1) && (DIAG & 4) == 0);
+    }
+    cp_async_commit();
+    if (lane < 16) st_shared8(valid + stage * BLOCK + first + lane, ok);
+#pragma unroll
+    for (int t = 0; t < 16; ++t) {
+      const int m = first + t;
+      if ((DIAG & 1) == 0)
+        Dequant::of(pack2(scale[t], 0.f))
+            .chunk_pair(raw[t], u, tile + box * BOX_BYTES + m * 128, m % 8, lane % 2);
+    }
+    cp_async_wait<0>();
+    fence_async_smem();  // the stores and copies, visible to the consumers' wgmma
+    mbar_arrive(bars.full(stage, 0));
+    mbar_arrive(bars.full(stage, 1));
+  }
 }
 
 // Sparse FP8 (V3.2) over a 2-CTA cluster, CLUSTER=1: the two CTAs are the two 64-head tiles of
@@ -1341,8 +1450,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
     for (int stage = 0; stage < 2; ++stage)
       for (int half = 0; half < 2; ++half) {
         // dense: the producer's arrive (plus its bytes); sparse: the half's 64 writers (with
-        // clusters: of both CTAs)
-        mbar_init(bars.full(stage, half), SPARSE ? 64 * (CLUSTER ? 2 : 1) : 1);
+        // clusters: of both CTAs; REG_STAGE: all 128 write both halves)
+        mbar_init(bars.full(stage, half), SPARSE ? (REG_STAGE ? 128 : 64) * (CLUSTER ? 2 : 1) : 1);
         mbar_init(bars.empty(stage, half), empty_count(stage, half));
       }
     fence_barrier_init();
@@ -1356,7 +1465,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
 #if SPARSE == 1
-    if (FP8_PAIRS)
+    if (REG_STAGE)
+      producer_fp8_regs(p, Part::of(p, blockIdx.z), base);
+    else if (FP8_PAIRS)
       producer_fp8_pairs(p, Part::of(p, blockIdx.z), base);
     else if (CLUSTER)
       producer_sparse_cluster(p, Part::of(p, blockIdx.z), base);
