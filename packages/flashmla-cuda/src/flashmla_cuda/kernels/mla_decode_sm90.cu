@@ -90,7 +90,7 @@ static_assert(!PV_FIRST || PIPE, "PV_FIRST orders the pipelined left consumer");
 #ifndef PREFETCH_IDX  // sparse: each producer thread's index of the next block loaded ahead
 #define PREFETCH_IDX 0  // (EntryAhead; off until measured on a GPU: NOTES-sm90.md)
 #endif
-#ifndef REG_STAGE  // FP8 V3.2 without the cluster, PIPE: the next block's bytes loaded into
+#ifndef REG_STAGE  // FP8 V3.2 with PIPE: the next block's bytes loaded into
 #define REG_STAGE 0  // registers before its stage is free (producer_fp8_regs; off until measured)
 #endif
 #ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only), bits: 1 no
@@ -113,8 +113,8 @@ static_assert(!MODEL1 || D_QK_DIM == 512, "MODEL1 has d_qk 512");
 #endif
 static_assert(!CLUSTER || SPARSE == 0 || (SPARSE == 1 && !MODEL1),
               "clusters: the dense build and the FP8 V3.2 sparse one");
-static_assert(!REG_STAGE || (PIPE && SPARSE == 1 && !MODEL1 && !CLUSTER && !FP8_PAIRS),
-              "REG_STAGE: FP8 V3.2 without the cluster, pipelined");
+static_assert(!REG_STAGE || (PIPE && SPARSE == 1 && !MODEL1 && !FP8_PAIRS),
+              "REG_STAGE: FP8 V3.2, pipelined");
 
 namespace {
 
@@ -377,8 +377,8 @@ struct Dequant {
       if (CLUSTER) st_cluster16(dst + to_peer + at, o[0], o[1], o[2], o[3]);
     }
   }
-  // The same without the peer, the two chunks stored in the other order where `flip`.
-  DEV void chunk_pair(const u32 (&w)[4], int u, u32 dst, u32 swz, bool flip) const {
+  // The same, the two chunks stored in the other order where `flip`.
+  DEV void chunk_pair(const u32 (&w)[4], int u, u32 dst, u32 swz, bool flip, u32 to_peer) const {
     u32 o[2][4];
 #pragma unroll
     for (int q = 0; q < 2; ++q)
@@ -392,8 +392,11 @@ struct Dequant {
     for (int q = 0; q < 2; ++q) {
       const int k = flip ? 1 - q : q;  // (selects, not indexing: k is per lane)
       const u32 at = ((2 * u + k) ^ swz) << 4;
-      st_shared16(dst + at, flip ? o[1 - q][0] : o[q][0], flip ? o[1 - q][1] : o[q][1],
-                  flip ? o[1 - q][2] : o[q][2], flip ? o[1 - q][3] : o[q][3]);
+      u32 v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = flip ? o[1 - q][e] : o[q][e];
+      st_shared16(dst + at, v[0], v[1], v[2], v[3]);
+      if (CLUSTER) st_cluster16(dst + to_peer + at, v[0], v[1], v[2], v[3]);
     }
   }
 };
@@ -822,23 +825,29 @@ DEV float ld_global_f32(const void* src, bool ok) {
   return v;
 }
 
-// Sparse FP8 V3.2 without the cluster, REG_STAGE (with PIPE): a block's NoPE bytes and scales
-// are loaded into registers *before* the producer waits for the block's stage, as FlashMLA's
-// producer does, so their latency hides behind the consumers' work on the blocks before rather
-// than following the stage's release. Warp w owns tokens 16w .. 16w + 15 of each block, one
-// load instruction per token covering all its 512 NoPE bytes (lane l: 16-byte chunk
-// c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2, in scale group l / 8). Each lane
-// writes the two bf16 chunks of its dims, odd lanes in the other order, so that the eight lanes
-// of a quarter-warp store to eight different 16-byte bank groups. The RoPE bytes go straight
-// into their box by cp.async once the stage is free.
+// Sparse FP8 V3.2, REG_STAGE (with PIPE): a block's NoPE bytes and scales are loaded into
+// registers *before* the producer waits for the block's stage, as FlashMLA's producer does, so
+// their latency hides behind the consumers' work on the blocks before rather than following the
+// stage's release. Warp w owns T = 16 tokens of each block (with CLUSTER: 8 of the CTA's 32,
+// written into both CTAs), one load instruction per token covering all its 512 NoPE bytes
+// (lane l: 16-byte chunk c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2, in scale
+// group l / 8). Each lane writes the two bf16 chunks of its dims, odd lanes in the other order,
+// so that the eight lanes of a quarter-warp store to eight different 16-byte bank groups. The
+// RoPE bytes go by cp.async into their box once the stage is free (CLUSTER: through registers,
+// loaded with the rest, into both CTAs).
 DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
+  constexpr int T = CLUSTER ? 8 : 16;
   const u32 tiles = base + SMEM_K, valid = base + SMEM_VALID;
   const Barriers bars{base + SMEM_BARS};
-  const int lane = threadIdx.x % 32, first = 16 * (threadIdx.x / 32);  // the warp's first token
+  const u32 rank = CLUSTER ? cluster_rank() : 0, peer = rank ^ 1;
+  const u32 to_peer = CLUSTER ? map_shared(base, peer) - base : 0;
+  const int lane = threadIdx.x % 32;
+  const int first = 32 * (int)rank + T * (threadIdx.x / 32);  // the warp's first token
   const int box = 2 * (lane / 8) + lane % 2, u = (lane % 8) / 2;
-  EntryAhead ahead(p, part, first + lane % 16);  // (lanes l and l + 16: the same token)
+  EntryAhead ahead(p, part, first + lane % T);  // (lanes l and l + T: the same token)
   // One flat loop over the walk's blocks (the pair loops of for_each_load would make the staged
-  // registers live across two copies of the body, and spill).
+  // registers live across two copies of the body, and spill). ptxas keeps the loads at the
+  // loop head before the empty wait; the previous block's arrive (a release) is not held back.
   u32 fills = 0;  // fills of stage 0 (low 16 bits) and stage 1 (high)
   while (ahead.req <= part.end_req) {
     const int stage = (ahead.blk - part.lo(ahead.req)) & 1;
@@ -848,38 +857,66 @@ DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
     const u8* scale_at;
     const u8* rec = ahead.locate(p, part, ahead.req, ahead.blk, ok, scale_at);
     const u64 mine = reinterpret_cast<u64>(rec) | (ok ? 1u : 0u);  // (records are 16-aligned)
-    auto record = [&](int t) { return __shfl_sync(0xffffffffu, mine, t); };  // token first + t's
-    u32 raw[16][4];
-    float scale[16];
+    auto record = [&](int t) {  // token first + t's record, its ok in bit 0
+      return __shfl_sync(0xffffffffu, mine, t);
+    };
+    u32 raw[T][4];
+    float scale[T];
 #pragma unroll
-    for (int t = 0; t < 16; ++t) {
+    for (int t = 0; t < T; ++t) {
       const u64 theirs = record(t);
       const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
       ld_global16(raw[t], r + 16 * (4 * box + u), (theirs & 1) && (DIAG & 6) == 0);
       scale[t] = ld_global_f32(r + D_V + 4 * (lane / 8), theirs & 1);
     }
+    // RoPE, lane l: chunk l % 8 of token R j + l / 8 (R = 4 tokens an instruction)
+    constexpr int R = 4;
+    u32 rope[CLUSTER ? T / R : 1][4];
+    auto rope_token = [&](int j) { return R * j + lane / 8; };
+    if (CLUSTER) {
+#pragma unroll
+      for (int j = 0; j < T / R; ++j) {
+        const u64 theirs = record(rope_token(j));
+        const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
+        ld_global16(rope[j], r + D_V + 16 + 16 * (lane % 8), (theirs & 1) && (DIAG & 4) == 0);
+      }
+    }
     mbar_wait(bars.empty(stage, 0), (fill & 1) ^ 1);
     mbar_wait(bars.empty(stage, 1), (fill & 1) ^ 1);
     const u32 tile = tiles + stage * TILE_BYTES;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // RoPE: lane l copies chunk l % 8 of token 4j + l / 8
-      const int t = 4 * j + lane / 8, m = first + t, c = lane % 8;
-      const u64 theirs = record(t);
-      const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
-      cp_async16(tile + P_BOX * BOX_BYTES + m * 128 + ((c ^ (m % 8)) << 4), r + D_V + 16 + 16 * c,
-                 (theirs & 1) && (DIAG & 4) == 0);
+    for (int j = 0; j < T / R; ++j) {
+      const int m = first + rope_token(j), c = lane % 8;
+      const u32 dst = tile + P_BOX * BOX_BYTES + m * 128 + ((c ^ (m % 8)) << 4);
+      if (CLUSTER) {
+        st_shared16(dst, rope[j][0], rope[j][1], rope[j][2], rope[j][3]);
+        st_cluster16(dst + to_peer, rope[j][0], rope[j][1], rope[j][2], rope[j][3]);
+      } else {
+        const u64 theirs = record(rope_token(j));
+        const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
+        cp_async16(dst, r + D_V + 16 + 16 * c, (theirs & 1) && (DIAG & 4) == 0);
+      }
     }
     cp_async_commit();
-    if (lane < 16) st_shared8(valid + stage * BLOCK + first + lane, ok);
+    if (lane < T) {
+      const u32 flag = valid + stage * BLOCK + first + lane;
+      st_shared8(flag, ok);
+      if (CLUSTER) st_cluster8(flag + to_peer, ok);
+    }
 #pragma unroll
-    for (int t = 0; t < 16; ++t) {
+    for (int t = 0; t < T; ++t) {
       const int m = first + t;
       if ((DIAG & 1) == 0)
         Dequant::of(pack2(scale[t], 0.f))
-            .chunk_pair(raw[t], u, tile + box * BOX_BYTES + m * 128, m % 8, lane % 2);
+            .chunk_pair(raw[t], u, tile + box * BOX_BYTES + m * 128, m % 8, lane % 2, to_peer);
     }
     cp_async_wait<0>();
     fence_async_smem();  // the stores and copies, visible to the consumers' wgmma
+    if (CLUSTER) {
+      fence_async_cluster_smem();
+      mbar_arrive_cluster(bars.full(stage, 0), peer);
+      mbar_arrive_cluster(bars.full(stage, 1), peer);
+    }
     mbar_arrive(bars.full(stage, 0));
     mbar_arrive(bars.full(stage, 1));
   }
@@ -1465,7 +1502,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS
   if (threadIdx.x < 128) {
     regs_lower<PRODUCER_REGS>();
 #if SPARSE == 1
-    if (REG_STAGE)
+    if (REG_STAGE)  // (with or without the cluster)
       producer_fp8_regs(p, Part::of(p, blockIdx.z), base);
     else if (FP8_PAIRS)
       producer_fp8_pairs(p, Part::of(p, blockIdx.z), base);
