@@ -45,6 +45,20 @@ def longest_hgmma_run(sass_text: str) -> int:
     return best
 
 
+def loads_before_first_wait(sass_text: str) -> int:
+    """REG_STAGE: the 128-bit global loads the producer (after its setmaxnreg to 128) issues
+    before its first mbarrier wait. ptxas may sink loads past a wait (an acquire), which would
+    put their latency back on the producer's chain: a silent loss of what the build is for."""
+    lines = sass_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "USETMAXREG.DEALLOC.CTAPOOL 0x80" in line)
+    count = 0
+    for line in lines[start:]:
+        if "SYNCS.PHASECHK" in line:
+            break
+        count += "LDG.E" in line and ".128" in line
+    return count
+
+
 def _cases() -> list[tuple[str, str, Build]]:
     out = []
     for arch, cc in TARGETS.items():
@@ -71,6 +85,10 @@ def test_nvrtc_compiles_without_spills(case):
         assert DECODE_MMA[family] in sass(cubin), f"{family} must use {DECODE_MMA[family]}"
     if family == "decode_sm90":  # Q K^T: 36 (d_qk 512: 32) wgmmas in one or two runs
         assert longest_hgmma_run(sass(cubin)) >= 16, "ptxas serialized the wgmmas"
+    defines = dict(build.defines)
+    if defines.get("REG_STAGE"):  # a block's tokens: 16 a warp, with the cluster 8 (and RoPE)
+        staged = 8 if defines.get("CLUSTER") else 16
+        assert loads_before_first_wait(sass(cubin)) >= staged, "ptxas sank the staged loads"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
