@@ -407,7 +407,7 @@ def test_sm90_sparse_cluster_build_where_two_head_tiles(monkeypatch, h_q, fmt, e
      ("1", decode_sm90.ROWS, False, False, "PIPE,PV_FIRST,PREFETCH_IDX"),
      ("1", decode_sm90.FP8, False, False, "PIPE,PV_FIRST,PREFETCH_IDX,REG_STAGE"),
      ("1", decode_sm90.FP8, True, False, "PIPE,PV_FIRST,PREFETCH_IDX,REG_STAGE"),
-     ("1", decode_sm90.FP8, False, True, "PIPE,PV_FIRST,PREFETCH_IDX"),
+     ("1", decode_sm90.FP8, False, True, "PIPE,PV_FIRST,PREFETCH_IDX,REG_STAGE"),
      ("reg_stage", decode_sm90.FP8, False, False, "FP8_PAIRS"), ("pipe", 0, False, False, ""),
      ("pv_first", decode_sm90.FP8, False, False, "FP8_PAIRS"), ("pipe,pv_first", decode_sm90.ROWS, False, False, "PIPE,PV_FIRST"),
      ("prefetch_idx", decode_sm90.ROWS, False, False, ""),
@@ -419,7 +419,7 @@ def test_sm90_unverified_sparse_variants_only_on_request(
     """The sparse variants not yet measured faster are built only when asked for: FP8_PAIRS
     is the default only where measured (V3.2 without the cluster), PIPE (a sparse schedule,
     never for dense decode) only on request, and then without FP8_PAIRS; PV_FIRST,
-    PREFETCH_IDX and REG_STAGE (FP8 V3.2) only with PIPE."""
+    PREFETCH_IDX and REG_STAGE (FP8) only with PIPE."""
     monkeypatch.setenv("FLASHMLA_CUDA_SM90_UNVERIFIED", env)
     defines = dict(decode_sm90.build_for(False, sparse, cluster=cluster, model1=model1).defines)
     variants = {"FP8_PAIRS", "PIPE", "PV_FIRST", "PREFETCH_IDX", "REG_STAGE"} & set(defines)

@@ -97,7 +97,7 @@ def build_for(
             extra["PV_FIRST"] = 1
         if wants("prefetch_idx"):
             extra["PREFETCH_IDX"] = 1
-        if wants("reg_stage") and sparse == FP8 and not model1:
+        if wants("reg_stage") and sparse == FP8:
             extra["REG_STAGE"] = 1
     if model1:  # the FP8 build over the MODEL1 layout (d_qk 512)
         extra["MODEL1"] = 1

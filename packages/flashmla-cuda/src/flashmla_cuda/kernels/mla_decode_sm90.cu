@@ -90,7 +90,7 @@ static_assert(!PV_FIRST || PIPE, "PV_FIRST orders the pipelined left consumer");
 #ifndef PREFETCH_IDX  // sparse: each producer thread's index of the next block loaded ahead
 #define PREFETCH_IDX 0  // (EntryAhead; off until measured on a GPU: NOTES-sm90.md)
 #endif
-#ifndef REG_STAGE  // FP8 V3.2 with PIPE: the next block's bytes loaded into
+#ifndef REG_STAGE  // FP8 with PIPE: the next block's bytes loaded into
 #define REG_STAGE 0  // registers before its stage is free (producer_fp8_regs; off until measured)
 #endif
 #ifndef DIAG  // sparse timing probes (wrong results, sm90_ab.py only), bits: 1 no
@@ -113,8 +113,7 @@ static_assert(!MODEL1 || D_QK_DIM == 512, "MODEL1 has d_qk 512");
 #endif
 static_assert(!CLUSTER || SPARSE == 0 || (SPARSE == 1 && !MODEL1),
               "clusters: the dense build and the FP8 V3.2 sparse one");
-static_assert(!REG_STAGE || (PIPE && SPARSE == 1 && !MODEL1 && !FP8_PAIRS),
-              "REG_STAGE: FP8 V3.2, pipelined");
+static_assert(!REG_STAGE || (PIPE && SPARSE == 1 && !FP8_PAIRS), "REG_STAGE: FP8, pipelined");
 
 namespace {
 
@@ -815,23 +814,23 @@ DEV void ld_global16(u32 (&w)[4], const void* src, bool ok) {
       : "l"(src), "r"((u32)ok));
 }
 
-DEV float ld_global_f32(const void* src, bool ok) {
-  float v;
+// A 32-bit word at `src` (global, read-only), or 0 where !ok.
+DEV u32 ld_global_u32(const void* src, bool ok) {
+  u32 v;
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0;\n"
-      " @p ld.global.nc.f32 %0, [%1];\n}"
-      : "=f"(v)
+      " @p ld.global.nc.u32 %0, [%1];\n}"
+      : "=r"(v)
       : "l"(src), "r"((u32)ok));
   return v;
 }
-
-// Sparse FP8 V3.2, REG_STAGE (with PIPE): a block's NoPE bytes and scales are loaded into
+// Sparse FP8 (V3.2 or MODEL1), REG_STAGE (with PIPE): a block's NoPE bytes and scales are loaded into
 // registers *before* the producer waits for the block's stage, as FlashMLA's producer does, so
 // their latency hides behind the consumers' work on the blocks before rather than following the
 // stage's release. Warp w owns T = 16 tokens of each block (with CLUSTER: 8 of the CTA's 32,
 // written into both CTAs), one load instruction per token covering all its 512 NoPE bytes
-// (lane l: 16-byte chunk c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2, in scale
-// group l / 8). Each lane writes the two bf16 chunks of its dims, odd lanes in the other order,
+// (lane l: 16-byte chunk c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2, in V3.2's
+// scale group l / 8; MODEL1 has 7 NoPE boxes, one UE8M0 scale each, and lanes of box 7 idle). Each lane writes the two bf16 chunks of its dims, odd lanes in the other order,
 // so that the eight lanes of a quarter-warp store to eight different 16-byte bank groups. The
 // RoPE bytes go by cp.async into their box once the stage is free (CLUSTER: through registers,
 // loaded with the rest, into both CTAs).
@@ -844,10 +843,19 @@ DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
   const int lane = threadIdx.x % 32;
   const int first = 32 * (int)rank + T * (threadIdx.x / 32);  // the warp's first token
   const int box = 2 * (lane / 8) + lane % 2, u = (lane % 8) / 2;
+  const bool nope = box < (MODEL1 ? 7 : 8);  // (MODEL1: dims 448-511 are the RoPE box)
+  const u32 rope_box = (MODEL1 ? 7 : P_BOX) * BOX_BYTES;
+  const int rope_from = MODEL1 ? 448 : D_V + 16;  // (the RoPE bytes of a record)
   EntryAhead ahead(p, part, first + lane % T);  // (lanes l and l + T: the same token)
-  // One flat loop over the walk's blocks (the pair loops of for_each_load would make the staged
-  // registers live across two copies of the body, and spill). ptxas keeps the loads at the
-  // loop head before the empty wait; the previous block's arrive (a release) is not held back.
+  // RoPE (CLUSTER), lane l: chunk l % 8 of token R j + l / 8 (R = 4 tokens an instruction)
+  constexpr int R = 4;
+  const int rope_chunk = lane % 8;
+  auto rope_token = [&](int j) { return R * j + lane / 8; };
+  // One flat loop over the walk's blocks: with for_each_load's two call sites the staged
+  // registers would be live across both copies of the body, and spill. Each block's loads are
+  // issued at the top, after the previous block's arrive (a release: loads before it would hold
+  // it back until they land) and before the empty wait, where ptxas keeps them (test_compile
+  // checks that it does).
   u32 fills = 0;  // fills of stage 0 (low 16 bits) and stage 1 (high)
   while (ahead.req <= part.end_req) {
     const int stage = (ahead.blk - part.lo(ahead.req)) & 1;
@@ -860,25 +868,25 @@ DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
     auto record = [&](int t) {  // token first + t's record, its ok in bit 0
       return __shfl_sync(0xffffffffu, mine, t);
     };
+    // MODEL1: this lane's token's 8 UE8M0 bytes (byte j: box j), shuffled out per token below
+    const u32 own_lo = MODEL1 ? ld_global_u32(scale_at, ok) : 0;
+    const u32 own_hi = MODEL1 ? ld_global_u32(scale_at + 4, ok) : 0;
     u32 raw[T][4];
-    float scale[T];
+    u32 scale[MODEL1 ? 1 : T];  // V3.2: the fp32 bits of token t's scale of group l / 8
 #pragma unroll
     for (int t = 0; t < T; ++t) {
       const u64 theirs = record(t);
       const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
-      ld_global16(raw[t], r + 16 * (4 * box + u), (theirs & 1) && (DIAG & 6) == 0);
-      scale[t] = ld_global_f32(r + D_V + 4 * (lane / 8), theirs & 1);
+      ld_global16(raw[t], r + 16 * (4 * box + u), nope && (theirs & 1) && (DIAG & 6) == 0);
+      if constexpr (!MODEL1) scale[t] = ld_global_u32(r + D_V + 4 * (lane / 8), theirs & 1);
     }
-    // RoPE, lane l: chunk l % 8 of token R j + l / 8 (R = 4 tokens an instruction)
-    constexpr int R = 4;
     u32 rope[CLUSTER ? T / R : 1][4];
-    auto rope_token = [&](int j) { return R * j + lane / 8; };
     if (CLUSTER) {
 #pragma unroll
       for (int j = 0; j < T / R; ++j) {
         const u64 theirs = record(rope_token(j));
         const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
-        ld_global16(rope[j], r + D_V + 16 + 16 * (lane % 8), (theirs & 1) && (DIAG & 4) == 0);
+        ld_global16(rope[j], r + rope_from + 16 * rope_chunk, (theirs & 1) && (DIAG & 4) == 0);
       }
     }
     mbar_wait(bars.empty(stage, 0), (fill & 1) ^ 1);
@@ -886,15 +894,15 @@ DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
     const u32 tile = tiles + stage * TILE_BYTES;
 #pragma unroll
     for (int j = 0; j < T / R; ++j) {
-      const int m = first + rope_token(j), c = lane % 8;
-      const u32 dst = tile + P_BOX * BOX_BYTES + m * 128 + ((c ^ (m % 8)) << 4);
+      const int m = first + rope_token(j), c = rope_chunk;
+      const u32 dst = tile + rope_box + m * 128 + ((c ^ (m % 8)) << 4);
       if (CLUSTER) {
         st_shared16(dst, rope[j][0], rope[j][1], rope[j][2], rope[j][3]);
         st_cluster16(dst + to_peer, rope[j][0], rope[j][1], rope[j][2], rope[j][3]);
       } else {
         const u64 theirs = record(rope_token(j));
         const u8* r = reinterpret_cast<const u8*>(theirs & ~u64(1));
-        cp_async16(dst, r + D_V + 16 + 16 * c, (theirs & 1) && (DIAG & 4) == 0);
+        cp_async16(dst, r + rope_from + 16 * c, (theirs & 1) && (DIAG & 4) == 0);
       }
     }
     cp_async_commit();
@@ -906,9 +914,16 @@ DEV void producer_fp8_regs(const DecodeParams& p, const Part& part, u32 base) {
 #pragma unroll
     for (int t = 0; t < T; ++t) {
       const int m = first + t;
-      if ((DIAG & 1) == 0)
-        Dequant::of(pack2(scale[t], 0.f))
-            .chunk_pair(raw[t], u, tile + box * BOX_BYTES + m * 128, m % 8, lane % 2, to_peer);
+      u32 s16;  // bf16(scale), as box_scale16 makes it
+      if constexpr (MODEL1) {
+        const u32 lo = __shfl_sync(0xffffffffu, own_lo, t), hi = __shfl_sync(0xffffffffu, own_hi, t);
+        s16 = box_scale16(make_uint2(box < 4 ? lo : hi, 0), box % 4);
+      } else {
+        s16 = pack2(__uint_as_float(scale[t]), 0.f);
+      }
+      if (nope && (DIAG & 1) == 0)
+        Dequant::of(s16).chunk_pair(raw[t], u, tile + box * BOX_BYTES + m * 128, m % 8, lane % 2,
+                                    to_peer);
     }
     cp_async_wait<0>();
     fence_async_smem();  // the stores and copies, visible to the consumers' wgmma
