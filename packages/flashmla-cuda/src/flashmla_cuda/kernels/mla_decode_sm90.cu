@@ -449,39 +449,38 @@ DEV u32 box_scale16(uint2 scales, int j) {
                 : pack2(__uint_as_float(j < 2 ? scales.x : scales.y), 0.f);
 }
 
-// Sparse: whether entry `pos` of request `req` is in the extra list (and then `pos` made
-// relative to it).
-DEV bool to_extra(const DecodeParams& p, const Part& part, int req, int& pos) {
-  const bool extra = p.cache2 && pos >= part.main_blocks(p, req) * BLOCK;
-  if (extra) pos -= part.main_blocks(p, req) * BLOCK;
-  return extra;
-}
-
-// Sparse: entry `pos` (made relative to its list by to_extra) of request `req`'s main or extra
-// index list, -1 past its length.
-DEV int list_entry(const DecodeParams& p, const Part& part, int req, int pos, bool extra) {
-  const int* list = extra ? p.list2 + req * p.slot2_b + blockIdx.y * p.slot2_t
-                          : p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
-  const int length = extra ? part.extra_length(p, req) : part.length(p, req);
-  return pos < length ? list[pos] : -1;
-}
-
 // Sparse: the cache row of entry `pos` of request `req` (the cache's first row, and ok = false,
-// for -1, out-of-range and past-the-length entries). PREFETCH_IDX: the list's entry is
-// `ahead` (loaded earlier by EntryAhead), else it is loaded here.
+// for -1, out-of-range and past-the-length entries). PREFETCH_IDX / REG_STAGE: the list's
+// entry is `ahead` (loaded a block earlier by EntryAhead), else it is loaded here. (Statement
+// order as measured: factoring the list lookup out changes the default builds' SASS.)
 DEV const u8* locate_entry(const DecodeParams& p, const Part& part, int req, int pos, int ahead,
                            bool& ok, const u8*& scales) {
   // (opaque: recomputed per block rather than kept across the pair in a spilled register)
   req = opaque(req);
-  const bool extra = to_extra(p, part, req, pos);
+  const bool extra = p.cache2 && pos >= part.main_blocks(p, req) * BLOCK;
+  const int* list = extra ? p.list2 + req * p.slot2_b + blockIdx.y * p.slot2_t
+                          : p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
+  if (extra) pos -= part.main_blocks(p, req) * BLOCK;
   const int page_size = extra ? p.page2 : p.page;
-  const int slot = PREFETCH_IDX || REG_STAGE ? ahead : list_entry(p, part, req, pos, extra);
+  const int length = extra ? part.extra_length(p, req) : part.length(p, req);
+  const int slot = PREFETCH_IDX || REG_STAGE ? ahead : (pos < length ? list[pos] : -1);
   ok = slot >= 0 && (i64)slot < (i64)(extra ? p.num_pages2 : p.num_pages) * page_size;
   const int page = ok ? slot / page_size : 0, row = ok ? slot - page * page_size : 0;
   const i64 page_stride = extra ? p.page_stride2 : p.page_stride;
   const u8* page_base = (extra ? p.cache2 : p.cache) + page * page_stride;
   scales = page_base + page_size * 576 + row * 8;  // (MODEL1: the token's UE8M0 scales)
   return page_base + (i64)row * (extra ? p.row_stride2 : p.row_stride);
+}
+
+// Sparse: entry `pos` of request `req`'s index list (main or extra), -1 past its length: what
+// locate_entry loads when it is not given the entry.
+DEV int entry_slot(const DecodeParams& p, const Part& part, int req, int pos) {
+  const bool extra = p.cache2 && pos >= part.main_blocks(p, req) * BLOCK;
+  if (extra) pos -= part.main_blocks(p, req) * BLOCK;
+  const int* list = extra ? p.list2 + req * p.slot2_b + blockIdx.y * p.slot2_t
+                          : p.block_table + req * p.table_b + blockIdx.y * p.slot_t;
+  const int length = extra ? part.extra_length(p, req) : part.length(p, req);
+  return pos < length ? list[pos] : -1;
 }
 
 // Sparse producers: thread entry `n` of each block in the producer's walk order (request by
@@ -499,9 +498,8 @@ struct EntryAhead {
   DEV void advance(const DecodeParams& p, const Part& part) {
     ++blk;
     while (req <= part.end_req && blk >= part.hi(p, req)) blk = part.lo(++req);
-    int pos = blk * BLOCK + n;
-    const bool extra = req <= part.end_req && to_extra(p, part, req, pos);
-    slot = req <= part.end_req ? list_entry(p, part, req, pos, extra) : -1;
+    slot = -1;
+    if (req <= part.end_req) slot = entry_slot(p, part, req, blk * BLOCK + n);
   }
   DEV const u8* locate(const DecodeParams& p, const Part& part, int req_, int blk_, bool& ok,
                        const u8*& scales) {
