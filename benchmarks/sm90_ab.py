@@ -56,10 +56,24 @@ def precompile(sources: list[str], shape_ids: list[str]) -> None:
         print(f"precompile: {str(exc)[-120:]!r}")
 
 
+def summary(
+    times: dict[tuple[str, str], list[float]], sources: list[str], shape_ids: list[str]
+) -> str:
+    """Per shape, each source's best time over the rounds and its ratio to the first source's."""
+    lines = ["best of the rounds, us (x: against the first source)"]
+    for shape_id in shape_ids:
+        base = min(times.get((sources[0], shape_id), [float("nan")]))
+        for source in sources:
+            best = min(times.get((source, shape_id), [float("nan")]))
+            lines.append(f"  {shape_id} {best:9.1f} {best / base:6.3f}x  {source}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     sources, shape_ids = sys.argv[1].split(","), sys.argv[2].split(",")
     precompile(sources, shape_ids)
     default_build_for = decode_sm90.build_for
+    times: dict[tuple[str, str], list[float]] = {}
     for repeat in range(2):
         for source, (name, defines) in zip(sources, _specs(sources)):
 
@@ -80,6 +94,8 @@ def main() -> None:
                     print(f"{repeat} {source} {shape_id}: does not compile ({str(exc)[-80:]!r})")
                     continue
                 print(f"{repeat} {source} {shape_id}: {ms * 1000:.1f} us", flush=True)
+                times.setdefault((source, shape_id), []).append(ms * 1000)
+    print(summary(times, sources, shape_ids))
 
 
 if __name__ == "__main__":
