@@ -8,7 +8,7 @@ declares exactly what the kernels handle: compute capability 9.0 and
   512) cache, h_q 64 or 128, attn_sink, topk_length and the extra cache;
 - sparse prefill (build 2): d_qk 576 or 512, h_q 64 or 128, attn_sink and topk_length.
 The FP8 V3.2 sparse decode at h_q 128 runs as a 2-CTA cluster whose CTAs share the
-dequantization. The dense 2-CTA cluster build and two sparse variants (:func:`build_for`) are
+dequantization. The dense 2-CTA cluster build and the sparse variants (:func:`build_for`) are
 used only when ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for them
 (:func:`flashmla_cuda.unverified_enabled`) until a measurement shows them faster. Every
 other case falls through the registry to the next backend, with these reasons. Inputs the
