@@ -63,9 +63,9 @@ def spec():
 def unverified_enabled(kind: str) -> bool:
     """Whether ``FLASHMLA_CUDA_SM90_UNVERIFIED`` asks for SM90 builds of ``kind`` that are not
     used by default yet: ``cluster`` (dense 2-CTA clusters: they pass the GPU suite, but no
-    measurement shows them faster), ``fp8_pairs``, ``pipe``, ``pv_first``, ``prefetch_idx`` and ``reg_stage`` (sparse variants
-    not measured faster yet: ``decode_sm90.build_for``). The variable lists kinds
-    (``pipe,pv_first``) or is ``1`` for all."""
+    measurement shows them faster), ``fp8_pairs``, ``pipe``, ``pv_first``, ``prefetch_idx`` and
+    ``reg_stage`` (sparse variants not measured faster yet: ``decode_sm90.build_for``). The
+    variable lists kinds (``pipe,pv_first``) or is ``1`` for all."""
     import os
 
     wanted = os.environ.get("FLASHMLA_CUDA_SM90_UNVERIFIED", "").split(",")

@@ -81,8 +81,10 @@ def build_for(
     """The build of one launch. ``unverified`` (default: the kinds ``FLASHMLA_CUDA_SM90_UNVERIFIED``
     asks for) adds the sparse variants not yet measured faster: ``fp8_pairs`` (FP8, both blocks
     of a pair in flight) where it is not the default, ``pipe`` (the blocks pipelined
-    through the two stages instead of the seesaw's pairs) and ``pv_first`` (with ``pipe``: the
-    left consumer's P V before the next Q K^T, which frees each stage earlier)."""
+    through the two stages instead of the seesaw's pairs) and, with ``pipe``: ``pv_first`` (the
+    left consumer's P V before the next Q K^T, which frees each stage earlier),
+    ``prefetch_idx`` (each producer thread's index of the next block loaded a block ahead) and
+    ``reg_stage`` (FP8: the next block's bytes loaded into registers before its stage is free)."""
     # (2-CTA clusters: dense or FP8 V3.2 sparse, an even grid.x)
     extra = {"CLUSTER": 1} if cluster else {}
     wants = unverified_enabled if unverified is None else unverified.__contains__

@@ -358,44 +358,42 @@ struct Dequant {
     const bool big = s > 128.f;
     return {big ? s16 * 0x10001u : pack2(s * 0x1p120f, s * 0x1p120f), big};
   }
+  // e4m3 bytes 8q .. 8q + 7 of `w` -> 8 bf16 values (one 16-byte chunk) at `o`.
+  DEV void convert8(const u32 (&w)[4], int q, u32 (&o)[4]) const {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      o[e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
+      if (big) o[e] = mul_bf16x2(o[e], 0x7b807b80u);  // (2^120 in both halves)
+      o[e] = mul_bf16x2(o[e], c);
+    }
+  }
+  // Chunk `o` to byte `at` of the row at `dst`, and of the peer's at dst + `to_peer` (CLUSTER).
+  DEV static void store(u32 dst, u32 at, const u32 (&o)[4], u32 to_peer) {
+    st_shared16(dst + at, o[0], o[1], o[2], o[3]);
+    if (CLUSTER) st_cluster16(dst + to_peer + at, o[0], o[1], o[2], o[3]);
+  }
   // 16 e4m3 bytes `w` (dims 16u .. 16u + 15 of a row) -> chunks 2u and 2u + 1 of the swizzled
   // bf16 row at `dst`, and of the peer's at dst + `to_peer` with CLUSTER.
   DEV void chunk(const u32 (&w)[4], int u, u32 dst, u32 swz, u32 to_peer) const {
-    const u32 two_120 = 0x7b807b80u;  // 2^120 in both halves
 #pragma unroll
     for (int q = 0; q < 2; ++q) {  // 8 dims (one 16-byte chunk) at a time
       u32 o[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        o[e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
-        if (big) o[e] = mul_bf16x2(o[e], two_120);
-        o[e] = mul_bf16x2(o[e], c);
-      }
-      const u32 at = ((2 * u + q) ^ swz) << 4;
-      st_shared16(dst + at, o[0], o[1], o[2], o[3]);
-      if (CLUSTER) st_cluster16(dst + to_peer + at, o[0], o[1], o[2], o[3]);
+      convert8(w, q, o);
+      store(dst, ((2 * u + q) ^ swz) << 4, o, to_peer);
     }
   }
-  // The same, the two chunks stored in the other order where `flip`.
+  // The same, both chunks converted first and stored in the other order where `flip` (selects,
+  // not indexing: `flip` is per lane).
   DEV void chunk_pair(const u32 (&w)[4], int u, u32 dst, u32 swz, bool flip, u32 to_peer) const {
     u32 o[2][4];
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        o[q][e] = e4m3x2_bits(w[2 * q + e / 2], e % 2 ? 0x3424u : 0x1404u);
-        if (big) o[q][e] = mul_bf16x2(o[q][e], 0x7b807b80u);
-        o[q][e] = mul_bf16x2(o[q][e], c);
-      }
+    convert8(w, 0, o[0]);
+    convert8(w, 1, o[1]);
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const int k = flip ? 1 - q : q;  // (selects, not indexing: k is per lane)
-      const u32 at = ((2 * u + k) ^ swz) << 4;
       u32 v[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) v[e] = flip ? o[1 - q][e] : o[q][e];
-      st_shared16(dst + at, v[0], v[1], v[2], v[3]);
-      if (CLUSTER) st_cluster16(dst + to_peer + at, v[0], v[1], v[2], v[3]);
+      store(dst, ((2 * u + (flip ? 1 - q : q)) ^ swz) << 4, v, to_peer);
     }
   }
 };
@@ -822,13 +820,15 @@ DEV u32 ld_global_u32(const void* src, bool ok) {
       : "l"(src), "r"((u32)ok));
   return v;
 }
-// Sparse FP8 (V3.2 or MODEL1), REG_STAGE (with PIPE): a block's NoPE bytes and scales are loaded into
-// registers *before* the producer waits for the block's stage, as FlashMLA's producer does, so
-// their latency hides behind the consumers' work on the blocks before rather than following the
-// stage's release. Warp w owns T = 16 tokens of each block (with CLUSTER: 8 of the CTA's 32,
-// written into both CTAs), one load instruction per token covering all its 512 NoPE bytes
-// (lane l: 16-byte chunk c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2, in V3.2's
-// scale group l / 8; MODEL1 has 7 NoPE boxes, one UE8M0 scale each, and lanes of box 7 idle). Each lane writes the two bf16 chunks of its dims, odd lanes in the other order,
+
+// Sparse FP8 (V3.2 or MODEL1), REG_STAGE (with PIPE): a block's NoPE bytes and scales are
+// loaded into registers *before* the producer waits for the block's stage, as FlashMLA's
+// producer does, so their latency hides behind the consumers' work on the blocks before rather
+// than following the stage's release. Warp w owns T = 16 tokens of each block (with CLUSTER: 8
+// of the CTA's 32, written into both CTAs), one load instruction per token covering all its
+// NoPE bytes (lane l: 16-byte chunk c = 4 box + u, box = 2 (l / 8) + l % 2, u = (l % 8) / 2,
+// in V3.2's scale group l / 8; MODEL1 has 7 NoPE boxes, one UE8M0 scale each, and the lanes of
+// box 7 idle). Each lane writes the two bf16 chunks of its dims, odd lanes in the other order,
 // so that the eight lanes of a quarter-warp store to eight different 16-byte bank groups. The
 // RoPE bytes go by cp.async into their box once the stage is free (CLUSTER: through registers,
 // loaded with the rest, into both CTAs).
